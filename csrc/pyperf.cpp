@@ -1,0 +1,33 @@
+// The one TORCH_LIBRARY(pyperf, m) block: every op schema lives here. Kernels register in
+// csrc/cpu/X.cpp (TORCH_LIBRARY_IMPL(pyperf, CPU, m)) and csrc/cuda/X.cu (TORCH_LIBRARY_IMPL(pyperf, CUDA, m));
+// fakes and autograd in pyperf/ops.py. Keep the sections per feature, in the order of the files.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "pyperf_build_config.h"
+
+TORCH_LIBRARY(pyperf, m) {
+  // ---- pack: fused bucket packing (csrc/cpu/pack.cpp, csrc/cuda/pack.cu) ----
+
+  // ---- quant: blockwise gradient quantization (csrc/cpu/quant.cpp, csrc/cuda/quant.cu) ----
+
+  // ---- norm: residual-add + RMSNorm / LayerNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu) ----
+
+  // ---- activation: bias+GeLU, bias+dropout+residual, SwiGLU/GeGLU (csrc/cpu/activation.cpp, ...cuda) ----
+
+}
+
+// A Python module so `import pyperf._C` loads this library (and so registers the ops). It carries no
+// functions of its own: every op goes through torch.ops.pyperf, which is what torch.compile and the
+// selective-checkpoint policies can see.
+static struct PyModuleDef pyperf_module = {PyModuleDef_HEAD_INIT, "_C", "pyperf's compiled ops", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&pyperf_module);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "VERSION", PYPERF_VERSION_STR);
+  PyModule_AddStringConstant(m, "TORCH_VERSION", PYPERF_TORCH_VERSION_STR);
+  PyModule_AddStringConstant(m, "CUDA_ARCHS", PYPERF_CUDA_ARCHS_STR);
+  PyModule_AddIntConstant(m, "WITH_CUDA", PYPERF_BUILT_WITH_CUDA);
+  return m;
+}

@@ -1,0 +1,1 @@
+"""Gradient communication: bucketing (GradientBucketer), the two-shot quantized all-reduce, DDP hook states."""

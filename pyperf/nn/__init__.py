@@ -1,0 +1,1 @@
+"""Fused, recompute-friendly layers (drop-in for their torch.nn counterparts)."""

@@ -1,0 +1,51 @@
+"""Runs a function on N real processes joined by a Gloo (or NCCL) process group, for multi-rank tests.
+
+    from _dist import run_ranks
+    def _body(rank, world_size, arg): ...     # module-level, so spawn can pickle it
+    run_ranks(_body, 2, arg)
+
+A failure on any rank fails the test with that rank's traceback.
+"""
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, world_size, port, backend, err_dir, args):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        try:
+            fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(err_dir, "rank%d.txt" % rank), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run_ranks(fn, world_size, *args, backend="gloo"):
+    with tempfile.TemporaryDirectory() as err_dir:
+        try:
+            mp.spawn(_entry, args=(fn, world_size, free_port(), backend, err_dir, args), nprocs=world_size, join=True)
+        except Exception as e:
+            msgs = []
+            for r in range(world_size):
+                p = os.path.join(err_dir, "rank%d.txt" % r)
+                if os.path.exists(p):
+                    msgs.append("---- rank %d ----\n%s" % (r, open(p).read()))
+            raise AssertionError("multi-rank run failed:\n" + ("\n".join(msgs) or str(e))) from None
