@@ -51,7 +51,7 @@ def philox_uniform(n, seed, offset, device="cpu"):
 
 def _round_to_int(t, stochastic, u):
     if not stochastic:
-        return torch.round(t)                # half to even, like rintf
+        return torch.round(t)                # half to even, like rint_small
     fl = torch.floor(t)
     return torch.where(u < t - fl, fl + 1.0, fl)
 
