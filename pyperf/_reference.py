@@ -147,7 +147,7 @@ def quantize(x, fmt, block_size=256, *, stochastic=False, seed=0, offset=0, resi
 def _dequantize_fp32(wire, numel, fmt, block_size):
     """Unscaled-by-user fp32 values of the padded blocks, [nblocks * block_size]."""
     nb = (numel + block_size - 1) // block_size
-    scales = wire[:4 * nb].contiguous().view(torch.float32)
+    scales = wire[:4 * nb].clone().view(torch.float32)     # clone: a fresh, aligned storage
     payload = wire[4 * nb:]
     if fmt == "int4":
         lo = (payload & 0xF).view(torch.int8)
