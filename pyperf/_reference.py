@@ -108,7 +108,8 @@ def _quantize_blocks(v, numel, fmt, block_size, stochastic, seed, offset, residu
     scale = torch.where(scale >= _FLT_MIN, scale, torch.zeros_like(scale))
     scale = torch.where(torch.isfinite(absmax), scale, torch.full_like(scale, float("nan")))
     ok = (scale > 0)[:, None]
-    t = torch.where(ok, blocks / torch.where(ok, scale[:, None], 1.0), 0.0)
+    inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, 1.0), 0.0)   # inv_block_scale
+    t = torch.where(ok, blocks * inv[:, None], 0.0)
     if stochastic:
         u = philox_uniform(nb * block_size, seed, offset, v.device) if uniform is None else uniform
         u = u.reshape(-1)

@@ -78,6 +78,7 @@ void quantize_staged_block(const float* v, int64_t n, int64_t block_size, int64_
   for (int j = 0; j < 8; ++j) m = std::max(m, lanes[j]);
   const float scale = block_scale(m, static_cast<Format>(F));
   std::memcpy(scale_out, &scale, sizeof(float));
+  const float inv = inv_block_scale(scale);
 
   uint32_t codes[4];
   for (int64_t g = 0; g < block_size; g += 4) {
@@ -86,7 +87,7 @@ void quantize_staged_block(const float* v, int64_t n, int64_t block_size, int64_
       Philox4 r = philox_group(seed, offset, static_cast<uint64_t>(first + g) >> 2);
       for (int k = 0; k < 4; ++k) u[k] = philox_to_uniform(r.x[k]);
     }
-    for (int k = 0; k < 4; ++k) codes[k] = encode<F>(v[g + k], scale, SR, u[k]);
+    for (int k = 0; k < 4; ++k) codes[k] = encode<F>(v[g + k], inv, SR, u[k]);
     if constexpr (EF) {
       for (int k = 0; k < 4; ++k) {
         if (g + k < n) residual[g + k] = ef_residual(v[g + k], mul_rn(dec(codes[k]), scale), scale);

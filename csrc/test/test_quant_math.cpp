@@ -71,7 +71,7 @@ int main() {
 
   // int8 / int4: integers in range are exact; out of range clamps; codes are two's complement.
   for (int q = -127; q <= 127; ++q) {
-    uint32_t c = encode<kInt8>(static_cast<float>(q) * 0.5f, 0.5f, false, 0.0f);
+    uint32_t c = encode<kInt8>(static_cast<float>(q) * 0.5f, inv_block_scale(0.5f), false, 0.0f);
     EXPECT(c <= 0xffu && decode<kInt8>(c) == static_cast<float>(q));
   }
   for (int q = -7; q <= 7; ++q) {
@@ -80,8 +80,9 @@ int main() {
   }
   EXPECT(encode<kInt8>(127.4f, 1.0f, true, 0.0f) == 127u);  // rounding up past qmax clamps
   EXPECT(encode<kInt4>(-7.6f, 1.0f, false, 0.0f) == 9u);    // -7 = 0b1001
-  EXPECT(encode<kInt8>(5.0f, 0.0f, false, 0.0f) == 0u);      // zero block
-  EXPECT(encode<kInt8>(5.0f, NAN, false, 0.0f) == 0u);       // non-finite block: code 0, scale carries NaN
+  EXPECT(inv_block_scale(0.0f) == 0.0f && inv_block_scale(NAN) == 0.0f && inv_block_scale(0.25f) == 4.0f);
+  EXPECT(encode<kInt8>(5.0f, inv_block_scale(0.0f), false, 0.0f) == 0u);  // zero block
+  EXPECT(encode<kInt8>(NAN, inv_block_scale(NAN), true, 0.5f) == 0u);     // non-finite block: scale carries NaN
   EXPECT(std::isnan(dequant<kInt8>(0u, NAN)));
   uint8_t b = pack_int4(encode<kInt4>(-3.0f, 1.0f, false, 0.0f), encode<kInt4>(6.0f, 1.0f, false, 0.0f));
   EXPECT(decode<kInt4>(b & 0xfu) == -3.0f && decode<kInt4>(b >> 4) == 6.0f && b == 0x6du);
@@ -91,10 +92,10 @@ int main() {
     float v = (pyperf::philox_uniform(3, 0, i) * 2.0f - 1.0f) * 9.0f;
     float s = block_scale(abs_bits(9.0f), kInt8);
     float u = pyperf::philox_uniform(3, 1, i);
-    EXPECT(std::fabs(dequant<kInt8>(encode<kInt8>(v, s, false, 0.0f), s) - v) <= s * 0.5f * 1.0001f);
-    EXPECT(std::fabs(dequant<kInt8>(encode<kInt8>(v, s, true, u), s) - v) < s);
+    EXPECT(std::fabs(dequant<kInt8>(encode<kInt8>(v, inv_block_scale(s), false, 0.0f), s) - v) <= s * 0.5f * 1.0001f);
+    EXPECT(std::fabs(dequant<kInt8>(encode<kInt8>(v, inv_block_scale(s), true, u), s) - v) < s);
     float s4 = block_scale(abs_bits(9.0f), kInt4);
-    EXPECT(std::fabs(dequant<kInt4>(encode<kInt4>(v, s4, false, 0.0f), s4) - v) <= s4 * 0.5f * 1.0001f);
+    EXPECT(std::fabs(dequant<kInt4>(encode<kInt4>(v, inv_block_scale(s4), false, 0.0f), s4) - v) <= s4 * 0.5f * 1.0001f);
   }
 
   fp8_roundtrip<kE4M3>(0x7eu, 448.0f, std::ldexp(1.0f, -9));

@@ -104,6 +104,10 @@ PYPERF_HD float rint_small(float t) {
   return sub_rn(add_rn(t, magic), magic);
 }
 
+// What values are multiplied by: 1 / scale (one IEEE division per block, not per value); 0 for a block sent as
+// zeros (scale 0 or NaN).
+PYPERF_HD float inv_block_scale(float scale) { return scale > 0.0f ? div_rn(1.0f, scale) : 0.0f; }
+
 // t rounded to an integer-valued float: to nearest even, or stochastically: up with probability frac(t), from a
 // uniform u in [0, 1) (t - floor(t) is exact here, so this is unbiased to 2^-24).
 PYPERF_HD float round_to_int(float t, bool stochastic, float u) {
@@ -127,15 +131,15 @@ struct Fp8Spec<kE5M2> {
   static constexpr uint32_t maxcode = 0x7b;  // 57344; 0x7c is inf
 };
 
-// The code (low 8 bits; int4: low 4 bits, two's complement) of v in a block of scale `scale`. Blocks with scale
-// 0 or NaN send code 0. For fp8, t = v / scale is rounded on the grid of its binade (quantum 2^(e - mbits), with e
+// The code (low 8 bits; int4: low 4 bits, two's complement) of v in a block with inv_block_scale `inv_scale`.
+// Blocks with scale 0 or NaN (inv_scale 0) send code 0. For fp8, t = v * inv_scale is rounded on the grid of its binade (quantum 2^(e - mbits), with e
 // clamped to the smallest normal exponent so subnormals share one quantum): stochastic rounding therefore picks
 // one of the two neighbouring representable values with probability by distance. Codes are monotonic in
 // magnitude, so saturation is a clamp of the code.
 template <int F>
-PYPERF_HD uint32_t encode(float v, float scale, bool stochastic, float u) {
-  if (!(scale > 0.0f)) return 0u;
-  float t = div_rn(v, scale);
+PYPERF_HD uint32_t encode(float v, float inv_scale, bool stochastic, float u) {
+  if (!(inv_scale > 0.0f)) return 0u;
+  float t = mul_rn(v, inv_scale);  // |t| <= qmax up to rounding; saturation below absorbs the excess
   if constexpr (F == kInt8 || F == kInt4) {
     const float q = F == kInt8 ? 127.0f : 7.0f;
     float r = fminf(fmaxf(round_to_int(t, stochastic, u), -q), q);
