@@ -16,10 +16,13 @@ _FLT_MIN = 1.1754943508222875e-38
 _FP8 = {"fp8_e4m3": (3, 7, 0x7E), "fp8_e5m2": (2, 15, 0x7B)}   # mantissa bits, bias, largest finite code
 
 
+_QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}   # = ops.QUANT_QMAX
+
+
 def _quant_qmax(fmt):
-    from pyperf.ops import QUANT_QMAX, _check_quant_args
-    _check_quant_args(fmt, 32)
-    return QUANT_QMAX[fmt]
+    if fmt not in _QMAX:
+        raise ValueError("fmt: expected one of %s, got %r" % (", ".join(_QMAX), fmt))
+    return _QMAX[fmt]
 
 
 def _mulhilo32(a, b):
@@ -69,8 +72,18 @@ def _fp8_codes(t, fmt, stochastic, u):
     return (code | sign).to(torch.uint8)
 
 
-def fp8_decode_table(fmt):
+_FP8_TABLES = {}
+
+
+def fp8_decode_table(fmt, device="cpu"):
     """fp32 value of each of the 256 codes (e4m3fn: 0x7F/0xFF NaN; e5m2: IEEE-like inf/nan)."""
+    key = (fmt, str(device))
+    if key not in _FP8_TABLES:
+        _FP8_TABLES[key] = _fp8_decode_table(fmt).to(device)
+    return _FP8_TABLES[key]
+
+
+def _fp8_decode_table(fmt):
     mbits, bias, _ = _FP8[fmt]
     vals = []
     for c in range(256):
@@ -93,7 +106,7 @@ def _decode_codes(codes, fmt):
     """Unscaled fp32 values of uint8 codes (int4: one code per nibble, already unpacked)."""
     if fmt in ("int8", "int4"):
         return codes.view(torch.int8).to(torch.float32)
-    return fp8_decode_table(fmt).to(codes.device)[codes.long()]
+    return fp8_decode_table(fmt, codes.device)[codes.long()]
 
 
 def _quantize_blocks(v, numel, fmt, block_size, stochastic, seed, offset, residual, uniform):
