@@ -121,55 +121,40 @@ class TwoShot:
         else:
             work = dist.all_to_all_single(recv, send, output_split_sizes=[my_wb] * W, input_split_sizes=self.wb,
                                           group=group, async_op=True)
-        # The callbacks run on the backend's worker thread. They must not hold the last reference to the process
-        # group (its destructor joins that very thread: "Resource deadlock avoided" at exit), so they reach it
-        # through a holder that is emptied as soon as the all-gather is launched.
-        holder = [group]
-        del group
-        result = torch.futures.Future(devices=[dev] if dev.type == "cuda" else None)
+        # Both collectives are issued from the calling thread, in call order: Gloo matches collectives by issue
+        # order, and a collective launched from a completion callback (a backend worker thread) can overtake the
+        # next bucket's one on some ranks and deadlock or mismatch. So stage one waits here: on NCCL that is a
+        # stream wait (the host goes on), on Gloo it blocks this thread for the all-to-all. Only the final
+        # dequantize runs in the callback.
+        work.wait()
+        n_me = self.lens[r]
+        mine = torch.zeros(self.wb_max, dtype=torch.uint8, device=dev)
+        if n_me:
+            wires = recv.view(W, my_wb)
+            exact = int(_q.wire_bytes(n_me, fmt, B))
+            if my_wb != exact:
+                wires = wires[:, :exact].contiguous()
+            red = _q.reduce_quantized(wires, n_me, fmt, B, scale=scale, requantize=True, residual=server_residual,
+                                      stochastic=stochastic, seed=seeds[1], offset=server_offset)
+            mine[:red.numel()].copy_(red)
         gathered = torch.empty(W * self.wb_max, dtype=torch.uint8, device=dev)
+        fut = _all_gather(gathered, mine, group=group, async_op=True).get_future()
 
-        def finish(fut):
-            try:
-                fut.value()
-                nb = [-(-n // B) for n in self.lens]
-                for s in range(W):
-                    if self.lens[s]:
-                        base = s * self.wb_max
-                        _q.dequantize(gathered[base:base + int(_q.wire_bytes(self.lens[s], fmt, B))], self.lens[s],
-                                      fmt, B, out=out[self.offs[s]:self.offs[s + 1]])
-                # The fp32 block scales lead each wire: a non-finite block has a non-finite scale.
-                scales = gathered.view(W, self.wb_max)[:, :4 * max(nb)].contiguous().view(torch.float32)
-                mask = torch.arange(max(nb), device=dev)[None, :] < torch.tensor(nb, device=dev)[:, None]
-                self.nonfinite = ~(torch.isfinite(scales) | ~mask).all()
-                result.set_result(out)
-            except BaseException as e:  # surface errors through the future, never hang the caller
-                result.set_exception(e)
+        def finish(f):
+            f.value()
+            nb = [-(-n // B) for n in self.lens]
+            for s in range(W):
+                if self.lens[s]:
+                    base = s * self.wb_max
+                    _q.dequantize(gathered[base:base + int(_q.wire_bytes(self.lens[s], fmt, B))], self.lens[s],
+                                  fmt, B, out=out[self.offs[s]:self.offs[s + 1]])
+            # The fp32 block scales lead each wire: a non-finite block has a non-finite scale.
+            scales = gathered.view(W, self.wb_max)[:, :4 * max(nb)].contiguous().view(torch.float32)
+            valid = torch.arange(max(nb), device=dev)[None, :] < torch.tensor(nb, device=dev)[:, None]
+            self.nonfinite = ~(torch.isfinite(scales) | ~valid).all()
+            return out
 
-        def reduce_and_gather(fut):
-            try:
-                fut.value()
-                n_me = self.lens[r]
-                if n_me:
-                    wires = recv.view(W, my_wb)
-                    exact = int(_q.wire_bytes(n_me, fmt, B))
-                    if my_wb != exact:
-                        wires = wires[:, :exact].contiguous()
-                    red = _q.reduce_quantized(wires, n_me, fmt, B, scale=scale, requantize=True,
-                                              residual=server_residual, stochastic=stochastic, seed=seeds[1],
-                                              offset=server_offset)
-                else:
-                    red = torch.empty(0, dtype=torch.uint8, device=dev)
-                mine = torch.zeros(self.wb_max, dtype=torch.uint8, device=dev)
-                mine[:red.numel()].copy_(red)
-                w2 = _all_gather(gathered, mine, group=holder.pop(), async_op=True)
-                w2.get_future().then(finish)
-            except BaseException as e:
-                holder.clear()
-                result.set_exception(e)
-
-        work.get_future().then(reduce_and_gather)
-        return result
+        return fut.then(finish)
 
 
 def quantized_all_reduce(tensor, fmt="int8", *, block_size=256, group=None, op="mean", async_op=False,
