@@ -20,23 +20,16 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from pyperf import ops as _ops
+from pyperf import ops as _q
 
-FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
-
-if hasattr(_ops, "quantize"):
-    _q = _ops
-else:  # TEMPORARY until the quant branch is merged (see _quant_fallback.py)
-    from pyperf.comm import _quant_fallback as _q
+FORMATS = tuple(_q.QUANT_FORMATS)
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def check_format(fmt, block_size):
-    if fmt not in FORMATS:
-        raise ValueError("fmt: expected one of %s, got %r" % (", ".join(FORMATS), fmt))
-    if not isinstance(block_size, int) or block_size < 2 or block_size & (block_size - 1):
-        raise ValueError("block_size: expected a power of two >= 2, got %r" % (block_size,))
+    """ValueError naming the argument unless fmt is a quantized format and block_size a supported power of two."""
+    _q._check_quant_args(fmt, block_size)
 
 
 def wire_bytes(numel, fmt, block_size):
@@ -216,3 +209,49 @@ def quantized_all_reduce(tensor, fmt="int8", *, block_size=256, group=None, op="
     if async_op:
         return fut
     return fut.wait()
+
+
+# ---- GradientBucketer(compression="int8" | "int4" | "fp8" | "fp8_e4m3" | "fp8_e5m2") ------------------------------
+from pyperf.comm.bucketer import Compressor, register_compressor  # noqa: E402
+
+
+class QuantizedCompressor(Compressor):
+    """GradientBucketer's quantized wire: the two-shot all-reduce of each packed bucket, with error feedback kept per
+    bucket (the bucketer's layout never changes, so bucket_index is a stable key). Parameters are packed at block
+    boundaries (align = block_size), so no quantization block straddles two parameters."""
+
+    prescale = True
+
+    def __init__(self, fmt="int8", block_size=256, error_feedback=True, stochastic_rounding=False, seed=0):
+        check_format(fmt, block_size)
+        self.name, self.fmt, self.block_size, self.align = fmt, fmt, block_size, block_size
+        self.error_feedback, self.stochastic, self.seed = error_feedback, stochastic_rounding, seed
+        self._state = {}     # bucket_index -> [residual, server_residual, calls]
+
+    def wire_dtype(self, grad_dtype):
+        return torch.float32
+
+    def all_reduce_async(self, flat, group, bucket_index):
+        if group is None and not dist.is_initialized():
+            return _completed(flat)
+        g = group if group is not None else dist.group.WORLD
+        W, B, n = dist.get_world_size(g), self.block_size, flat.numel()
+        st = self._state.get(bucket_index)
+        if st is None:
+            res = srv = None
+            if self.error_feedback:
+                res = torch.zeros(padded_numel(n, W, B), dtype=torch.float32, device=flat.device)
+                srv = torch.zeros(chunk_numel(n, W, B), dtype=torch.float32, device=flat.device)
+            st = self._state[bucket_index] = [res, srv, 0]
+        st[2] += 1
+        # prescaled by 1/W already: the sum of the inputs is the mean
+        return quantized_all_reduce(flat, self.fmt, block_size=B, group=group, op="sum", async_op=True,
+                                    stochastic=self.stochastic, seed=mix_seed(self.seed, bucket_index),
+                                    offset=st[2] * (1 << 36), residual=st[0], server_residual=st[1], out=flat)
+
+
+register_compressor("int8", lambda: QuantizedCompressor("int8"))
+register_compressor("int4", lambda: QuantizedCompressor("int4"))
+register_compressor("fp8", lambda: QuantizedCompressor("fp8_e4m3"))
+register_compressor("fp8_e4m3", lambda: QuantizedCompressor("fp8_e4m3"))
+register_compressor("fp8_e5m2", lambda: QuantizedCompressor("fp8_e5m2"))
