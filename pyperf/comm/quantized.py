@@ -59,6 +59,22 @@ def mix_seed(seed, *tags):
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+def _as_future(fut):
+    """A torch.futures.Future (Work.get_future() gives the bare C++ torch._C.Future) completing with `fut`."""
+    if isinstance(fut, torch.futures.Future):
+        return fut
+    out = torch.futures.Future()
+
+    def done(f):
+        try:
+            out.set_result(f.value())
+        except BaseException as e:
+            out.set_exception(e)
+
+    fut.add_done_callback(done)
+    return out
+
+
 def _completed(value):
     f = torch.futures.Future()
     f.set_result(value)
@@ -207,7 +223,7 @@ def quantized_all_reduce(tensor, fmt="int8", *, block_size=256, group=None, op="
 
     fut = fut.then(copy_back)
     if async_op:
-        return fut
+        return _as_future(fut)
     return fut.wait()
 
 
