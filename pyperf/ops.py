@@ -32,6 +32,11 @@ def _norm_save_output(save):
     return save == "output"
 
 
+def rms_norm_default_eps(dtype: torch.dtype) -> float:
+    """torch.nn.RMSNorm's eps=None: the epsilon of the compute (opmath) dtype, not of the activation dtype."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 def _norm_fake_fwd(x, residual):
     torch._check(x.dim() >= 1, lambda: "x: expected at least 1 dim, got a 0-dim tensor")
     if residual is not None:
@@ -138,10 +143,11 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, wei
 
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: Optional[float] = None,
              residual: Optional[torch.Tensor] = None, save: str = "input"):
-    """Like torch.nn.functional.rms_norm over the last dim (eps=None: torch.finfo(x.dtype).eps). With a residual,
-    returns (y, h) where h = x + residual is the new residual stream."""
+    """Like torch.nn.functional.rms_norm over the last dim (eps=None: torch's default, the machine epsilon of the
+    compute dtype: float32's for float32/bfloat16/float16, float64's for float64). With a residual, returns
+    (y, h) where h = x + residual is the new residual stream."""
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = rms_norm_default_eps(x.dtype)
     y, h, _ = add_rms_norm(x, residual, weight, eps, save)
     return y if residual is None else (y, h)
 

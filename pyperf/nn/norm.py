@@ -70,7 +70,7 @@ class FusedRMSNorm(_FusedNorm):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         xr, rr, shape = self._rows(x, residual)
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        eps = self.eps if self.eps is not None else ops.rms_norm_default_eps(x.dtype)
         y, h, _ = ops.add_rms_norm(xr, rr, self._flat(self.weight), eps, self.save)
         if residual is None:
             return y.view(shape)
