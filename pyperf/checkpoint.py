@@ -136,21 +136,21 @@ class CheckpointedBlock(nn.Module):
     def policy(self, policy):
         self._policy_name, self._policy_fn = _resolve_policy(policy)
         self._policy = policy
+        # a partial, not a bound method: torch.compile's checkpoint path calls context_fn as a plain function
+        self._context_fn = (None if self._policy_fn is None
+                            else functools.partial(create_selective_checkpoint_contexts, self._policy_fn))
 
     @property
     def policy_name(self) -> str:
         return self._policy_name
-
-    def _context_fn(self):
-        # respect_saved_tensors_hooks: what the policy keeps goes through the caller's saved_tensors_hooks
-        # (save_on_cpu, our memory meter) like any other saved tensor.
-        return create_selective_checkpoint_contexts(self._policy_fn)
 
     def forward(self, *args, **kwargs):
         if self._policy_name == "none" or not torch.is_grad_enabled():
             return self.module(*args, **kwargs)
         extra = {}
         if self._policy_fn is not None:
+            # respect_saved_tensors_hooks: what the policy keeps goes through the caller's saved_tensors_hooks
+            # (save_on_cpu, SavedTensorMeter) like any other saved tensor
             extra = dict(context_fn=self._context_fn, respect_saved_tensors_hooks=True)
         return checkpoint(self.module, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state,
                           **extra, **kwargs)
@@ -586,7 +586,7 @@ def _agree(choice, sync_plan):
 def checkpoint_plan(model: nn.Module) -> CheckpointPlan:
     """The policies of the CheckpointedBlocks inside `model` (without measurements)."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, CheckpointedBlock)]
-    return CheckpointPlan([n for n, _ in found], [m.policy_name for m in found])
+    return CheckpointPlan([n for n, _ in found], [m.policy_name for _, m in found])
 
 
 __all__ = ["CheckpointedBlock", "checkpoint_blocks", "checkpoint_plan", "CheckpointPlan", "BlockStats",
