@@ -309,10 +309,51 @@ def test_ddp_two_ranks():
     run_ranks(_ddp_body, 2)
 
 
-@pytest.mark.parametrize("policy", ["full", "selective"])
-def test_torch_compile(policy):
+needs_fused = pytest.mark.skipif(not fused_layers_available(), reason="pyperf.nn fused layers not in this build")
+
+
+@needs_fused
+def test_policies_see_pyperf_ops():
+    """Selective-checkpoint policies see pyperf's ops (they go through TORCH_LIBRARY); selective recomputes them."""
+    from pyperf.checkpoint import selective_policy, SAVE_OPS
+    seen = []
+    keep = selective_policy(SAVE_OPS)
+
+    def spy(ctx, op, *args, **kwargs):
+        seen.append((str(op), ctx.is_recompute, keep(ctx, op, *args, **kwargs)))
+        return keep(ctx, op, *args, **kwargs)
+
+    model = _model(fused=True)
+    checkpoint_blocks(model, spy)
+    model(*_batch()).backward()
+    pyperf_ops = {name for name, _, _ in seen if name.startswith("pyperf.")}
+    assert {"pyperf.add_layer_norm.default", "pyperf.bias_gelu.default",
+            "pyperf.bias_dropout_residual.default"} <= pyperf_ops, pyperf_ops
+    assert all(p == CheckpointPolicy.PREFER_RECOMPUTE for name, _, p in seen if name.startswith("pyperf."))
+
+
+@needs_fused
+def test_fused_model_matches_torch_model():
+    torch.manual_seed(0)
+    ref = _model(fused=False, dropout=0.0)
+    fused = _model(fused=True, dropout=0.0)
+    fused.load_state_dict(ref.state_dict())                  # same parameter names
+    checkpoint_blocks(fused, "selective")
+    idx, tgt = _batch()
+    a, b = ref(idx, tgt), fused(idx, tgt)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    a.backward()
+    b.backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), fused.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5), n
+
+
+@pytest.mark.parametrize("policy,fused", [("full", False), ("selective", False), ("selective", True)])
+def test_torch_compile(policy, fused):
     # aot_eager: dynamo + AOTAutograd + the checkpoint's compile path, without the C++ codegen of inductor
-    model = _model(dropout=0.0)
+    if fused and not fused_layers_available():
+        pytest.skip("pyperf.nn fused layers not in this build")
+    model = _model(fused, dropout=0.0)
     idx, tgt = _batch()
     ref = _step(model, idx, tgt)
     m = copy.deepcopy(model)

@@ -38,12 +38,15 @@ class GPTConfig:
 # ---- torch versions of the fused layers (fused=False): same maths, same parameter names ----------------------
 
 class TorchBiasGeLU(nn.Module):
-    def __init__(self, features):
+    """gelu(x + bias), tanh approximation by default like pyperf.nn.BiasGeLU (and GPT-2)."""
+
+    def __init__(self, features, approximate="tanh"):
         super().__init__()
+        self.approximate = approximate
         self.bias = nn.Parameter(torch.zeros(features))
 
     def forward(self, x):
-        return F.gelu(x + self.bias)
+        return F.gelu(x + self.bias, approximate=self.approximate)
 
 
 class TorchBiasDropoutResidual(nn.Module):
