@@ -155,6 +155,15 @@ class CheckpointedBlock(nn.Module):
         return checkpoint(self.module, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state,
                           **extra, **kwargs)
 
+    def __getattr__(self, name):
+        # block.attn keeps working after wrapping: fall through to the wrapped module
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self._modules["module"], name)
+
     def extra_repr(self):
         return "policy=%s" % self._policy_name
 

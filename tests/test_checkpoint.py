@@ -260,6 +260,9 @@ def test_block_selection_state_dict_and_rewrap():
     assert checkpoint_blocks(_model(), blocks=["blocks.1"]).names == ["blocks.1"]
     plain = _model()
     plain.load_state_dict(model.state_dict())
+    assert model.blocks[0].attn is model.blocks[0].module.attn          # attributes fall through the wrapper
+    with pytest.raises(AttributeError):
+        model.blocks[0].nonexistent
 
 
 def test_no_grad_and_kwargs_pass_through():
