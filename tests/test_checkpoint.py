@@ -3,6 +3,7 @@ included), saves what it claims (measured with saved_tensors_hooks), the memory 
 torch.compile work on checkpointed blocks, and bad input is refused with a clear message."""
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -351,22 +352,38 @@ def test_fused_model_matches_torch_model():
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5), n
 
 
-@pytest.mark.parametrize("policy,fused", [("full", False), ("selective", False), ("selective", True)])
-def test_torch_compile(policy, fused):
-    # aot_eager: dynamo + AOTAutograd + the checkpoint's compile path, without the C++ codegen of inductor
-    if fused and not fused_layers_available():
-        pytest.skip("pyperf.nn fused layers not in this build")
-    model = _model(fused, dropout=0.0)
+def _compiled_matches_eager(policy, fused, backend, dropout):
+    model = _model(fused, dropout=dropout, n_layers=2)
     idx, tgt = _batch()
     ref = _step(model, idx, tgt)
     m = copy.deepcopy(model)
     m.zero_grad(set_to_none=True)
     checkpoint_blocks(m, policy)
     torch._dynamo.reset()
-    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(m, backend=backend, fullgraph=(dropout == 0.0 or not fused))
+    torch.manual_seed(123)                                   # as _step: the same dropout draws
     loss = compiled(idx, tgt)
     loss.backward()
     assert torch.allclose(loss, ref[0], rtol=1e-5, atol=1e-6)
     got = _grads(m)
     for k in ref[1]:
         assert torch.allclose(got[k], ref[1][k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("policy,fused", [("full", False), ("selective", False), ("selective", True)])
+def test_torch_compile(policy, fused):
+    """aot_eager: dynamo + AOTAutograd + checkpoint's compile path (tag_activation_checkpoint), without inductor's
+    code generation (minutes on a CPU CI). Dropout on: pyperf's draws its (seed, offset) eagerly (a graph break),
+    torch's is traced."""
+    if fused and not fused_layers_available():
+        pytest.skip("pyperf.nn fused layers not in this build")
+    _compiled_matches_eager(policy, fused, "aot_eager", 0.1)
+
+
+@pytest.mark.skipif(not os.environ.get("PYPERF_SLOW_TESTS"), reason="inductor compiles for ~1 min on CPU; "
+                    "set PYPERF_SLOW_TESTS=1")
+@pytest.mark.parametrize("policy,fused", [("full", False), ("selective", False), ("full", True), ("selective", True)])
+def test_torch_compile_inductor(policy, fused):
+    if fused and not fused_layers_available():
+        pytest.skip("pyperf.nn fused layers not in this build")
+    _compiled_matches_eager(policy, fused, "inductor", 0.0)
