@@ -338,31 +338,51 @@ def _parse_budget(memory_budget, unchecked_bytes=None):
 
 def plan_budget(stats: Sequence[BlockStats], candidates: Sequence[str], budget: float) -> List[str]:
     """Greedy: starting from no checkpointing, repeatedly take the (block, policy) move that frees the most saved
-    bytes per extra second of recompute, until the blocks' saved bytes fit `budget`."""
+    bytes per extra second of recompute until the blocks' saved bytes fit `budget`. Then, so that a small
+    remainder does not cost a whole block's recompute, every prefix of that sequence finished by the single
+    cheapest move that reaches the budget is also considered; the plan with the least recompute wins."""
     choice = ["none"] * len(stats)
     total = sum(s.saved["none"] for s in stats)
-    while total > budget:
-        best, best_key = None, None
+
+    def cost(ch):
+        return sum(s.recompute_s[p] for s, p in zip(stats, ch))
+
+    def moves(ch):
         for i, s in enumerate(stats):
-            cur = choice[i]
             for p in candidates:
-                freed = s.saved[cur] - s.saved[p]
-                if freed <= 0:
-                    continue
-                extra = s.recompute_s[p] - s.recompute_s[cur]
-                ratio = float("inf") if extra <= 0 else freed / extra
-                key = (ratio, freed)
-                if best_key is None or key > best_key:
-                    best, best_key = (i, p, freed), key
-        if best is None:
-            floor = sum(min(s.saved[p] for p in list(candidates) + ["none"]) for s in stats)
-            raise ValueError("memory_budget of %d bytes cannot be met: the least the blocks can keep with policies "
-                             "%s is %d bytes (measured); raise the budget or allow more policies"
-                             % (budget, list(candidates), floor))
-        i, p, freed = best
-        choice[i] = p
+                freed = s.saved[ch[i]] - s.saved[p]
+                if freed > 0:
+                    yield i, p, freed, s.recompute_s[p] - s.recompute_s[ch[i]]
+
+    best_plan, best_cost = None, float("inf")
+    while True:
+        finish = min(((extra, -freed, i, p) for i, p, freed, extra in moves(choice) if total - freed <= budget),
+                     default=None)
+        if total <= budget:
+            finish = None
+            if cost(choice) < best_cost:
+                best_plan, best_cost = list(choice), cost(choice)
+        elif finish is not None:
+            extra, _, i, p = finish
+            if cost(choice) + extra < best_cost:
+                best_plan = list(choice)
+                best_plan[i] = p
+                best_cost = cost(best_plan)
+        if total <= budget:
+            break
+        step = max(((float("inf") if extra <= 0 else freed / extra, freed, -i, p) for i, p, freed, extra
+                    in moves(choice)), default=None)
+        if step is None:
+            break
+        _, freed, i, p = step
+        choice[-i] = p
         total -= freed
-    return choice
+    if best_plan is None:
+        floor = sum(min(s.saved[p] for p in list(candidates) + ["none"]) for s in stats)
+        raise ValueError("memory_budget of %d bytes cannot be met: the least the blocks can keep with policies "
+                         "%s is %d bytes (measured); raise the budget or allow more policies"
+                         % (budget, list(candidates), floor))
+    return best_plan
 
 
 def _find_blocks(model: nn.Module, blocks) -> List[Tuple[str, nn.Module]]:

@@ -192,6 +192,14 @@ def test_memory_budget_greedy_prefers_cheap_recompute():
     cheap = BlockStats("cheap", 1.0, {"none": 100, "full": 10}, {"none": 0.0, "full": 0.1})
     dear = BlockStats("dear", 1.0, {"none": 100, "full": 10}, {"none": 0.0, "full": 1.0})
     assert plan_budget([dear, cheap], ["full"], 120) == ["none", "full"]
+    assert plan_budget([dear, cheap], ["full"], 200) == ["none", "none"]
+    # the last move takes the cheapest way to the budget, not the best ratio
+    sel = {"none": 0.0, "selective": 0.1, "full": 1.0}
+    a = BlockStats("a", 1.0, {"none": 100, "selective": 80, "full": 10}, sel)
+    b = BlockStats("b", 1.0, {"none": 100, "selective": 80, "full": 10}, sel)
+    assert plan_budget([a, b], ["selective", "full"], 185) == ["selective", "none"]
+    assert plan_budget([a, b], ["selective", "full"], 160) == ["selective", "selective"]
+    assert sorted(plan_budget([a, b], ["selective", "full"], 90)) == ["full", "selective"]
     assert plan_budget([dear, cheap], ["full"], 20) == ["full", "full"]
     with pytest.raises(ValueError, match="cannot be met"):
         plan_budget([dear, cheap], ["full"], 19)
