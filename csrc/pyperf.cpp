@@ -8,6 +8,16 @@
 
 TORCH_LIBRARY(pyperf, m) {
   // ---- pack: fused bucket packing (csrc/cpu/pack.cpp, csrc/cuda/pack.cu) ----
+  // Many same-dtype contiguous tensors <-> one flat 1-D buffer in one pass, with `scale` and the dtype cast
+  // fused into the copy. Tensor i starts at a multiple of `align` elements; padding (and the tail up to
+  // `total`, itself a multiple of align) is zero-filled. Layout: pyperf.ops.pack_layout.
+  m.def("pack(Tensor[] tensors, float scale=1.0, ScalarType? out_dtype=None, int align=1) -> Tensor");
+  // The same into a caller's buffer: writes out[0:total] and nothing beyond it.
+  m.def("pack_out(Tensor[] tensors, float scale, int align, Tensor(a!) out) -> ()");
+  // flat -> tensors in place: t = scale * flat[slice] (or t += scale * flat[slice] with accumulate).
+  m.def("unpack(Tensor flat, Tensor(a!)[] tensors, float scale=1.0, int align=1, bool accumulate=False) -> ()");
+  // (sum of squares of every element as a float32 0-dim tensor, bool 0-dim: any inf/nan in the inputs).
+  m.def("multi_tensor_l2norm(Tensor[] tensors) -> (Tensor, Tensor)");
 
   // ---- quant: blockwise gradient quantization (csrc/cpu/quant.cpp, csrc/cuda/quant.cu) ----
 
