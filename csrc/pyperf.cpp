@@ -20,6 +20,22 @@ TORCH_LIBRARY(pyperf, m) {
   m.def("multi_tensor_l2norm(Tensor[] tensors) -> (Tensor, Tensor)");
 
   // ---- quant: blockwise gradient quantization (csrc/cpu/quant.cpp, csrc/cuda/quant.cu) ----
+  // Wire of one chunk: [nblocks fp32 scales][payload] in one uint8 buffer (docs/quant.md). fmt: int8 | int4 |
+  // fp8_e4m3 | fp8_e5m2; block_size a power of two in [32, 4096]. seed/offset key Philox (their int64 bits are
+  // read as uint64). residual (fp32, numel like x) is error feedback, updated in place.
+  m.def("quantize(Tensor x, str fmt, int block_size, bool stochastic, int seed, int offset, Tensor(a!)? residual)"
+        " -> Tensor");
+  m.def("quantize_into(Tensor x, str fmt, int block_size, bool stochastic, int seed, int offset, "
+        "Tensor(a!)? residual, Tensor(b!) out) -> ()");
+  m.def("dequantize(Tensor wire, SymInt numel, str fmt, int block_size, ScalarType out_dtype, float scale)"
+        " -> Tensor");
+  m.def("dequantize_into(Tensor wire, SymInt numel, str fmt, int block_size, float scale, bool accumulate, "
+        "Tensor(a!) out) -> ()");
+  // wires: uint8 [W, wire_bytes(numel)], one chunk per rank; sums in fp32 in rank order 0..W-1.
+  m.def("reduce_quantized(Tensor wires, SymInt numel, str fmt, int block_size, float scale, ScalarType out_dtype)"
+        " -> Tensor");
+  m.def("reduce_requantize(Tensor wires, SymInt numel, str fmt, int block_size, float scale, bool stochastic, "
+        "int seed, int offset, Tensor(a!)? residual) -> Tensor");
 
   // ---- norm: residual-add + RMSNorm / LayerNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu) ----
 

@@ -44,6 +44,197 @@ def multi_tensor_l2norm(tensors):
 
 
 # ---- quant ---------------------------------------------------------------------------------------------------
+# Bit-exact oracle of the quant ops (same fp32 operations in the same order as csrc/include/pyperf/quant_math.h),
+# and the eager baseline a user would write. `uniform=` lets a benchmark feed torch.rand instead of Philox.
+
+_M32 = 0xFFFFFFFF
+_FLT_MIN = 1.1754943508222875e-38
+_FP8 = {"fp8_e4m3": (3, 7, 0x7E), "fp8_e5m2": (2, 15, 0x7B)}   # mantissa bits, bias, largest finite code
+
+
+_QMAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}   # = ops.QUANT_QMAX
+
+
+def _quant_qmax(fmt):
+    if fmt not in _QMAX:
+        raise ValueError("fmt: expected one of %s, got %r" % (", ".join(_QMAX), fmt))
+    return _QMAX[fmt]
+
+
+def _mulhilo32(a, b):
+    """(lo, hi) 32-bit halves of a * b for an int64 tensor a in [0, 2^32) and a Python int b < 2^32."""
+    p1 = a * (b & 0xFFFF)                    # < 2^48
+    p2 = a * (b >> 16)                       # < 2^48
+    lo = (p1 + ((p2 & 0xFFFF) << 16)) & _M32
+    hi = (p2 + (p1 >> 16)) >> 16
+    return lo, hi
+
+
+def philox_uniform(n, seed, offset, device="cpu"):
+    """The [0, 1) uniforms of elements 0..n-1 under (seed, offset): pyperf/philox.h in plain torch."""
+    seed &= (1 << 64) - 1
+    offset &= (1 << 64) - 1
+    g = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+    c0, c1 = g & _M32, g >> 32
+    c2 = torch.full_like(g, offset & _M32)
+    c3 = torch.full_like(g, offset >> 32)
+    k0, k1 = seed & _M32, seed >> 32
+    for _ in range(10):
+        lo0, hi0 = _mulhilo32(c0, 0xD2511F53)
+        lo1, hi1 = _mulhilo32(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    r = torch.stack([c0, c1, c2, c3], dim=1).reshape(-1)[:n]
+    return (r >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def _round_to_int(t, stochastic, u):
+    if not stochastic:
+        return torch.round(t)                # half to even, like rint_small
+    fl = torch.floor(t)
+    return torch.where(u < t - fl, fl + 1.0, fl)
+
+
+def _fp8_codes(t, fmt, stochastic, u):
+    mbits, bias, maxcode = _FP8[fmt]
+    bits = t.view(torch.int32)
+    sign = torch.where(bits < 0, 0x80, 0)
+    e = ((bits >> 23) & 0xFF) - 127
+    e = torch.clamp(e, min=1 - bias)
+    inv_quantum = ((127 - e + mbits) << 23).to(torch.int32).view(torch.float32)      # 2^(mbits - e)
+    m = t.abs() * inv_quantum
+    r = _round_to_int(m, stochastic, u).to(torch.int32)
+    code = torch.clamp(((e + bias - 1) << mbits) + r, max=maxcode)
+    return (code | sign).to(torch.uint8)
+
+
+_FP8_TABLES = {}
+
+
+def fp8_decode_table(fmt, device="cpu"):
+    """fp32 value of each of the 256 codes (e4m3fn: 0x7F/0xFF NaN; e5m2: IEEE-like inf/nan)."""
+    key = (fmt, str(device))
+    if key not in _FP8_TABLES:
+        _FP8_TABLES[key] = _fp8_decode_table(fmt).to(device)
+    return _FP8_TABLES[key]
+
+
+def _fp8_decode_table(fmt):
+    mbits, bias, _ = _FP8[fmt]
+    vals = []
+    for c in range(256):
+        sign = -1.0 if c & 0x80 else 1.0
+        mag = c & 0x7F
+        E, M = mag >> mbits, mag & ((1 << mbits) - 1)
+        if fmt == "fp8_e4m3" and mag == 0x7F:
+            v = float("nan")
+        elif fmt == "fp8_e5m2" and E == 31:
+            v = float("inf") if M == 0 else float("nan")
+        elif E == 0:
+            v = M * 2.0 ** (1 - bias - mbits)
+        else:
+            v = (1 + M / 2 ** mbits) * 2.0 ** (E - bias)
+        vals.append(sign * v)
+    return torch.tensor(vals, dtype=torch.float32)
+
+
+def _decode_codes(codes, fmt):
+    """Unscaled fp32 values of uint8 codes (int4: one code per nibble, already unpacked)."""
+    if fmt in ("int8", "int4"):
+        return codes.view(torch.int8).to(torch.float32)
+    return fp8_decode_table(fmt, codes.device)[codes.long()]
+
+
+def _quantize_blocks(v, numel, fmt, block_size, stochastic, seed, offset, residual, uniform):
+    """v: fp32 [numel] (x + residual). Returns the wire; updates residual in place."""
+    qmax = _quant_qmax(fmt)
+    nb = (numel + block_size - 1) // block_size
+    vp = torch.zeros(nb * block_size, dtype=torch.float32, device=v.device)
+    vp[:numel] = v
+    blocks = vp.view(nb, block_size)
+    absmax = blocks.abs().amax(dim=1) if nb else torch.zeros(0, device=v.device)
+    scale = absmax / qmax
+    scale = torch.where(scale >= _FLT_MIN, scale, torch.zeros_like(scale))
+    scale = torch.where(torch.isfinite(absmax), scale, torch.full_like(scale, float("nan")))
+    ok = (scale > 0)[:, None]
+    inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, 1.0), 0.0)   # inv_block_scale
+    t = torch.where(ok, blocks * inv[:, None], 0.0)
+    if stochastic:
+        u = philox_uniform(nb * block_size, seed, offset, v.device) if uniform is None else uniform
+        u = u.reshape(-1)
+        u = torch.cat([u, u.new_zeros(nb * block_size - u.numel())]).view(nb, block_size)
+    else:
+        u = None
+    if fmt in ("int8", "int4"):
+        q = torch.clamp(_round_to_int(t, stochastic, u), -qmax, qmax)
+        codes = torch.where(ok, q, 0.0).to(torch.int8).view(torch.uint8)
+    else:
+        codes = torch.where(ok, _fp8_codes(t, fmt, stochastic, u), 0).to(torch.uint8)
+    if residual is not None:
+        deq = _decode_codes(codes, fmt) * scale[:, None]
+        new = torch.where(torch.isnan(scale)[:, None], 0.0, blocks - deq)
+        residual.view(-1).copy_(new.reshape(-1)[:numel])
+    if fmt == "int4":
+        nib = codes & 0xF
+        payload = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    else:
+        payload = codes
+    return torch.cat([scale.view(torch.uint8).reshape(-1), payload.reshape(-1)])
+
+
+def quantize(x, fmt, block_size=256, *, stochastic=False, seed=0, offset=0, residual=None, out=None,
+             uniform=None):
+    v = x.reshape(-1).to(torch.float32)
+    if residual is not None:
+        v = v + residual.reshape(-1)
+    wire = _quantize_blocks(v, x.numel(), fmt, block_size, stochastic, seed, offset, residual, uniform)
+    if out is not None:
+        out.copy_(wire)
+        return out
+    return wire
+
+
+def _dequantize_fp32(wire, numel, fmt, block_size):
+    """Unscaled-by-user fp32 values of the padded blocks, [nblocks * block_size]."""
+    nb = (numel + block_size - 1) // block_size
+    scales = wire[:4 * nb].clone().view(torch.float32)     # clone: a fresh, aligned storage
+    payload = wire[4 * nb:]
+    if fmt == "int4":
+        lo = (payload & 0xF).view(torch.int8)
+        hi = (payload >> 4).view(torch.int8)
+        nib = torch.stack([lo, hi], dim=1).reshape(-1)
+        codes = torch.where(nib > 7, nib - 16, nib).view(torch.uint8)
+    else:
+        codes = payload
+    vals = _decode_codes(codes, fmt).view(nb, block_size) * scales[:, None]
+    return vals.reshape(-1)
+
+
+def dequantize(wire, numel, fmt, block_size=256, *, out_dtype=torch.float32, scale=1.0, out=None,
+               accumulate=False):
+    vals = _dequantize_fp32(wire, numel, fmt, block_size)[:numel] * scale
+    if out is None:
+        return vals.to(out_dtype)
+    flat = out.view(-1)
+    if accumulate:
+        vals = flat.to(torch.float32) + vals
+    flat.copy_(vals)
+    return out
+
+
+def reduce_quantized(wires, numel, fmt, block_size=256, *, scale=1.0, out_dtype=torch.float32, requantize=False,
+                     residual=None, stochastic=False, seed=0, offset=0, uniform=None):
+    nb = (numel + block_size - 1) // block_size
+    acc = torch.zeros(nb * block_size, dtype=torch.float32, device=wires.device)
+    for w in range(wires.shape[0]):                 # fixed rank order: deterministic
+        acc = acc + _dequantize_fp32(wires[w], numel, fmt, block_size)
+    acc = acc[:numel] * scale
+    if not requantize:
+        return acc.to(out_dtype)
+    if residual is not None:
+        acc = acc + residual.reshape(-1)
+    return _quantize_blocks(acc, numel, fmt, block_size, stochastic, seed, offset, residual, uniform)
+
 
 
 # ---- norm ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,324 @@
+// CPU kernels of the quant ops: blockwise quantize (+ stochastic rounding, + fused error feedback), dequantize
+// (+ scale, + accumulate) and the fused dequantize-sum(-requantize) reduce of the two-shot all-reduce.
+// at::parallel_for over quant blocks; each block is staged as fp32 in a stack buffer so the absmax pass and the
+// encode pass read it from L1. The per-element math is pyperf/quant_math.h, shared with the CUDA kernels.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "pyperf/checks.h"
+#include "pyperf/dispatch.h"
+#include "pyperf/philox.h"
+#include "pyperf/quant.h"
+
+namespace pyperf {
+namespace {
+
+using namespace quant;
+
+template <typename Fn>
+void dispatch_format(Format f, Fn&& fn) {
+  switch (f) {
+    case kInt8: fn(std::integral_constant<int, kInt8>{}); break;
+    case kInt4: fn(std::integral_constant<int, kInt4>{}); break;
+    case kE4M3: fn(std::integral_constant<int, kE4M3>{}); break;
+    case kE5M2: fn(std::integral_constant<int, kE5M2>{}); break;
+  }
+}
+
+template <typename Fn>
+void dispatch_bool(bool b, Fn&& fn) {
+  if (b) fn(std::true_type{});
+  else fn(std::false_type{});
+}
+
+// Blocks per parallel_for task: about 32K values, so small chunks stay on one thread.
+int64_t grain_blocks(int64_t block_size) { return std::max<int64_t>(1, 32768 / block_size); }
+
+// Unscaled code values; fp8 goes through a 256-entry table (its decode branches on the exponent).
+template <int F>
+struct Decoder {
+  float lut[256];
+  Decoder() {
+    if constexpr (F == kE4M3 || F == kE5M2) {
+      for (uint32_t c = 0; c < 256; ++c) lut[c] = decode<F>(c);
+    }
+  }
+  float operator()(uint32_t c) const {
+    if constexpr (F == kE4M3 || F == kE5M2) return lut[c & 0xffu];
+    else return decode<F>(c);
+  }
+};
+
+// The scaled values of a block's payload into out[0, block_size): the padding decodes too (to 0 or NaN), so the
+// loops have no tail and vectorize.
+template <int F>
+inline void decode_block(const uint8_t* payload, int64_t block_size, float scale, const Decoder<F>& dec, float* out) {
+  if constexpr (F == kInt4) {
+    for (int64_t j = 0; j < block_size / 2; ++j) {
+      const uint32_t byte = payload[j];
+      out[2 * j] = mul_rn(dec(byte & 0xfu), scale);
+      out[2 * j + 1] = mul_rn(dec(byte >> 4), scale);
+    }
+  } else {
+    for (int64_t i = 0; i < block_size; ++i) out[i] = mul_rn(dec(payload[i]), scale);
+  }
+}
+
+// Quantizes the staged block v[0, block_size) (zeros beyond the n valid values) into its scale and payload;
+// with EF writes residual[0, n). `first` is the element index of v[0] (a multiple of 4: one Philox group per 4).
+// Separate simple passes (absmax, uniforms, encode, residual, pack) so each inner loop can vectorize.
+template <int F, bool SR, bool EF>
+void quantize_staged_block(const float* v, int64_t n, int64_t block_size, int64_t first, uint64_t seed,
+                           uint64_t offset, uint8_t* scale_out, uint8_t* payload, float* residual,
+                           const Decoder<F>& dec) {
+  uint32_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent lanes: the max vectorizes
+  for (int64_t i = 0; i < block_size; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      uint32_t a = abs_bits(v[i + j]);
+      lanes[j] = a > lanes[j] ? a : lanes[j];
+    }
+  }
+  uint32_t m = 0;
+  for (int j = 0; j < 8; ++j) m = std::max(m, lanes[j]);
+  const float scale = block_scale(m, static_cast<Format>(F));
+  std::memcpy(scale_out, &scale, sizeof(float));
+  const float inv = inv_block_scale(scale);
+
+  float u[SR ? kMaxBlock : 1];
+  if constexpr (SR) {
+    for (int64_t g = 0; g < block_size; g += 4) {
+      Philox4 r = philox_group(seed, offset, static_cast<uint64_t>(first + g) >> 2);
+      for (int k = 0; k < 4; ++k) u[g + k] = philox_to_uniform(r.x[k]);
+    }
+  }
+  uint8_t codes[kMaxBlock];
+  for (int64_t i = 0; i < block_size; ++i) {
+    codes[i] = static_cast<uint8_t>(encode<F>(v[i], inv, SR, SR ? u[i] : 0.0f));
+  }
+  if constexpr (EF) {
+    for (int64_t i = 0; i < n; ++i) residual[i] = ef_residual(v[i], mul_rn(dec(codes[i]), scale), scale);
+  }
+  if constexpr (F == kInt4) {
+    for (int64_t j = 0; j < block_size / 2; ++j) payload[j] = pack_int4(codes[2 * j], codes[2 * j + 1]);
+  } else {
+    std::memcpy(payload, codes, static_cast<size_t>(block_size));
+  }
+}
+
+// ---- quantize ----
+
+void quantize_into_cpu(const at::Tensor& x, c10::string_view fmt, int64_t block_size, bool stochastic,
+                       int64_t seed, int64_t offset, const c10::optional<at::Tensor>& residual, at::Tensor& out) {
+  check_float_dtype(x, "x");
+  check_contiguous(x, "x");
+  const WireLayout w = wire_layout(x.numel(), fmt, block_size);
+  check_residual(residual, w.numel, x, "x");
+  check_wire(out, w, "out");
+  check_same_device(out, x, "out", "x");
+  if (w.numel == 0) return;
+  uint8_t* wire = out.data_ptr<uint8_t>();
+  float* res = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  const uint64_t s = as_u64(seed), o = as_u64(offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    dispatch_format(w.fmt, [&](auto F_) {
+      constexpr int F = decltype(F_)::value;
+      const Decoder<F> dec;
+      dispatch_bool(stochastic, [&](auto SR_) {
+        dispatch_bool(res != nullptr, [&](auto EF_) {
+          constexpr bool SR = decltype(SR_)::value, EF = decltype(EF_)::value;
+          at::parallel_for(0, w.nblocks, grain_blocks(block_size), [&](int64_t b0, int64_t b1) {
+            float v[kMaxBlock];
+            for (int64_t b = b0; b < b1; ++b) {
+              const int64_t first = b * block_size;
+              const int64_t n = std::min(block_size, w.numel - first);
+              for (int64_t i = 0; i < n; ++i) {
+                float xi = static_cast<float>(xp[first + i]);
+                v[i] = EF ? add_rn(xi, res[first + i]) : xi;
+              }
+              for (int64_t i = n; i < block_size; ++i) v[i] = 0.0f;
+              quantize_staged_block<F, SR, EF>(v, n, block_size, first, s, o, wire + 4 * b,
+                                               wire + w.payload_offset + b * payload_bytes_per_block(w.fmt, block_size),
+                                               EF ? res + first : nullptr, dec);
+            }
+          });
+        });
+      });
+    });
+  });
+}
+
+at::Tensor quantize_cpu(const at::Tensor& x, c10::string_view fmt, int64_t block_size, bool stochastic,
+                        int64_t seed, int64_t offset, const c10::optional<at::Tensor>& residual) {
+  const WireLayout w = wire_layout(x.numel(), fmt, block_size);
+  at::Tensor out = at::empty({w.bytes}, x.options().dtype(at::kByte));
+  quantize_into_cpu(x, fmt, block_size, stochastic, seed, offset, residual, out);
+  return out;
+}
+
+// ---- dequantize ----
+
+void dequantize_into_cpu(const at::Tensor& wire, int64_t numel, c10::string_view fmt, int64_t block_size,
+                         double scale, bool accumulate, at::Tensor& out) {
+  const WireLayout w = wire_layout(numel, fmt, block_size);
+  check_wire(wire, w, "wire");
+  check_float_dtype(out, "out");
+  check_contiguous(out, "out");
+  check_same_device(out, wire, "out", "wire");
+  TORCH_CHECK(out.numel() == numel, "out: expected ", numel, " elements (numel), got ", out.numel());
+  if (numel == 0) return;
+  const uint8_t* wp = wire.data_ptr<uint8_t>();
+  const float uscale = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "dequantize_cpu", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    dispatch_format(w.fmt, [&](auto F_) {
+      constexpr int F = decltype(F_)::value;
+      const Decoder<F> dec;
+      at::parallel_for(0, w.nblocks, grain_blocks(block_size), [&](int64_t b0, int64_t b1) {
+        float tmp[kMaxBlock];
+        for (int64_t b = b0; b < b1; ++b) {
+          float s;
+          std::memcpy(&s, wp + 4 * b, sizeof(float));
+          const uint8_t* payload = wp + w.payload_offset + b * payload_bytes_per_block(w.fmt, block_size);
+          const int64_t first = b * block_size;
+          const int64_t n = std::min(block_size, numel - first);
+          scalar_t* o = op + first;
+          decode_block<F>(payload, block_size, s, dec, tmp);
+          if (uscale != 1.0f) {
+            for (int64_t i = 0; i < n; ++i) tmp[i] = mul_rn(tmp[i], uscale);
+          }
+          if (accumulate) {
+            for (int64_t i = 0; i < n; ++i) tmp[i] = add_rn(static_cast<float>(o[i]), tmp[i]);
+          }
+          for (int64_t i = 0; i < n; ++i) o[i] = static_cast<scalar_t>(tmp[i]);
+        }
+      });
+    });
+  });
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& wire, int64_t numel, c10::string_view fmt, int64_t block_size,
+                          at::ScalarType out_dtype, double scale) {
+  TORCH_CHECK(is_float_dtype(out_dtype), "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
+  wire_layout(numel, fmt, block_size);
+  at::Tensor out = at::empty({numel}, wire.options().dtype(out_dtype));
+  dequantize_into_cpu(wire, numel, fmt, block_size, scale, false, out);
+  return out;
+}
+
+// ---- reduce (dequantize W chunks, fp32 sum in rank order, scale; optionally requantize) ----
+
+WireLayout check_wires(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size) {
+  const WireLayout w = wire_layout(numel, fmt, block_size);
+  TORCH_CHECK(wires.scalar_type() == at::kByte, "wires: expected uint8, got dtype ", wires.scalar_type());
+  TORCH_CHECK(wires.dim() == 2 && wires.size(1) == w.bytes, "wires: expected shape [W, wire_bytes(", numel,
+              ", fmt, ", block_size, ") = ", w.bytes, "] (one chunk per rank), got ", wires.sizes());
+  check_contiguous(wires, "wires");
+  TORCH_CHECK(wires.numel() == 0 || reinterpret_cast<uintptr_t>(wires.data_ptr()) % 4 == 0,
+              "wires: expected a 4-byte aligned buffer (fp32 scales), got an unaligned slice");
+  return w;
+}
+
+// Stages the scaled fp32 sum of block b of every wire in v (zeros beyond n), in rank order.
+template <int F>
+inline void stage_sum(const uint8_t* wp, int64_t W, const WireLayout& w, int64_t b, int64_t n, float uscale,
+                      const Decoder<F>& dec, float* v) {
+  const int64_t bs = w.block_size;
+  float tmp[kMaxBlock];
+  for (int64_t i = 0; i < bs; ++i) v[i] = 0.0f;
+  for (int64_t r = 0; r < W; ++r) {
+    const uint8_t* row = wp + r * w.bytes;
+    float s;
+    std::memcpy(&s, row + 4 * b, sizeof(float));
+    decode_block<F>(row + w.payload_offset + b * payload_bytes_per_block(w.fmt, bs), bs, s, dec, tmp);
+    for (int64_t i = 0; i < bs; ++i) v[i] = add_rn(v[i], tmp[i]);
+  }
+  for (int64_t i = 0; i < n; ++i) v[i] = mul_rn(v[i], uscale);
+  for (int64_t i = n; i < bs; ++i) v[i] = 0.0f;  // padding is 0, even in a NaN block (as on CUDA)
+}
+
+at::Tensor reduce_quantized_cpu(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size,
+                                double scale, at::ScalarType out_dtype) {
+  TORCH_CHECK(is_float_dtype(out_dtype), "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
+  const WireLayout w = check_wires(wires, numel, fmt, block_size);
+  at::Tensor out = at::empty({numel}, wires.options().dtype(out_dtype));
+  if (numel == 0) return out;
+  const uint8_t* wp = wires.data_ptr<uint8_t>();
+  const int64_t W = wires.size(0);
+  const float uscale = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "reduce_quantized_cpu", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    dispatch_format(w.fmt, [&](auto F_) {
+      constexpr int F = decltype(F_)::value;
+      const Decoder<F> dec;
+      at::parallel_for(0, w.nblocks, grain_blocks(block_size), [&](int64_t b0, int64_t b1) {
+        float v[kMaxBlock];
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t first = b * block_size;
+          const int64_t n = std::min(block_size, numel - first);
+          stage_sum<F>(wp, W, w, b, n, uscale, dec, v);
+          for (int64_t i = 0; i < n; ++i) op[first + i] = static_cast<scalar_t>(v[i]);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor reduce_requantize_cpu(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size,
+                                 double scale, bool stochastic, int64_t seed, int64_t offset,
+                                 const c10::optional<at::Tensor>& residual) {
+  const WireLayout w = check_wires(wires, numel, fmt, block_size);
+  check_residual(residual, numel, wires, "wires");
+  at::Tensor out = at::empty({w.bytes}, wires.options());
+  if (numel == 0) return out;
+  const uint8_t* wp = wires.data_ptr<uint8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  const int64_t W = wires.size(0);
+  const float uscale = static_cast<float>(scale);
+  float* res = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  const uint64_t s = as_u64(seed), o = as_u64(offset);
+  dispatch_format(w.fmt, [&](auto F_) {
+    constexpr int F = decltype(F_)::value;
+    const Decoder<F> dec;
+    dispatch_bool(stochastic, [&](auto SR_) {
+      dispatch_bool(res != nullptr, [&](auto EF_) {
+        constexpr bool SR = decltype(SR_)::value, EF = decltype(EF_)::value;
+        at::parallel_for(0, w.nblocks, grain_blocks(block_size), [&](int64_t b0, int64_t b1) {
+          float v[kMaxBlock];
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t first = b * block_size;
+            const int64_t n = std::min(block_size, numel - first);
+            stage_sum<F>(wp, W, w, b, n, uscale, dec, v);
+            if constexpr (EF) {
+              for (int64_t i = 0; i < n; ++i) v[i] = add_rn(v[i], res[first + i]);
+            }
+            quantize_staged_block<F, SR, EF>(v, n, block_size, first, s, o, op + 4 * b,
+                                             op + w.payload_offset + b * payload_bytes_per_block(w.fmt, block_size),
+                                             EF ? res + first : nullptr, dec);
+          }
+        });
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyperf, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("quantize_into", &quantize_into_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+  m.impl("dequantize_into", &dequantize_into_cpu);
+  m.impl("reduce_quantized", &reduce_quantized_cpu);
+  m.impl("reduce_requantize", &reduce_requantize_cpu);
+}
+
+}  // namespace pyperf

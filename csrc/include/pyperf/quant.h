@@ -1,0 +1,74 @@
+// Argument parsing and validation of the quant ops, shared by csrc/cpu/quant.cpp and csrc/cuda/quant.cu so both
+// backends accept and reject exactly the same input with the same messages.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <cstdint>
+#include <string>
+
+#include "pyperf/checks.h"
+#include "pyperf/quant_math.h"
+
+namespace pyperf {
+namespace quant {
+
+// The geometry of one chunk's wire: [nblocks fp32 scales][payload].
+struct WireLayout {
+  Format fmt;
+  int64_t block_size;
+  int64_t numel;
+  int64_t nblocks;
+  int64_t payload_offset;  // = 4 * nblocks
+  int64_t bytes;           // whole wire
+};
+
+inline Format parse_format(c10::string_view fmt) {
+  if (fmt == "int8") return kInt8;
+  if (fmt == "int4") return kInt4;
+  if (fmt == "fp8_e4m3") return kE4M3;
+  if (fmt == "fp8_e5m2") return kE5M2;
+  TORCH_CHECK_VALUE(false, "fmt: expected one of int8, int4, fp8_e4m3, fp8_e5m2, got '", std::string(fmt), "'");
+}
+
+inline WireLayout wire_layout(int64_t numel, c10::string_view fmt, int64_t block_size) {
+  TORCH_CHECK_VALUE(block_size >= kMinBlock && block_size <= kMaxBlock && (block_size & (block_size - 1)) == 0,
+                    "block_size: expected a power of two in [", kMinBlock, ", ", kMaxBlock, "], got ", block_size);
+  TORCH_CHECK_VALUE(numel >= 0, "numel: expected >= 0, got ", numel);
+  WireLayout w;
+  w.fmt = parse_format(fmt);
+  w.block_size = block_size;
+  w.numel = numel;
+  w.nblocks = (numel + block_size - 1) / block_size;
+  w.payload_offset = 4 * w.nblocks;
+  w.bytes = w.payload_offset + w.nblocks * payload_bytes_per_block(w.fmt, block_size);
+  return w;
+}
+
+// Scales are read and written as fp32, so a wire (possibly a slice of a larger buffer) must be 4-byte aligned;
+// every wire is a multiple of 4 bytes, so consecutive chunks of an aligned buffer all are.
+inline void check_wire(const at::Tensor& wire, const WireLayout& w, const char* name) {
+  TORCH_CHECK(wire.scalar_type() == at::kByte, name, ": expected a uint8 wire, got dtype ", wire.scalar_type());
+  check_contiguous(wire, name);
+  TORCH_CHECK(wire.numel() == w.bytes, name, ": expected wire_bytes(", w.numel, ", fmt, ", w.block_size, ") = ",
+              w.bytes, " bytes, got ", wire.numel());
+  TORCH_CHECK(w.bytes == 0 || reinterpret_cast<uintptr_t>(wire.data_ptr()) % 4 == 0, name,
+              ": expected a 4-byte aligned wire (its fp32 scales), got a slice at an unaligned address");
+}
+
+inline void check_residual(const c10::optional<at::Tensor>& residual, int64_t numel, const at::Tensor& ref,
+                           const char* ref_name) {
+  if (!residual.has_value()) return;
+  const at::Tensor& r = *residual;
+  TORCH_CHECK(r.scalar_type() == at::kFloat, "residual: expected a float32 tensor, got dtype ", r.scalar_type());
+  TORCH_CHECK(r.numel() == numel, "residual: expected ", numel, " elements, got ", r.numel());
+  check_contiguous(r, "residual");
+  check_same_device(r, ref, "residual", ref_name);
+}
+
+// seed/offset arrive as int64 and are used as the uint64 with the same bits.
+inline uint64_t as_u64(int64_t v) { return static_cast<uint64_t>(v); }
+
+}  // namespace quant
+}  // namespace pyperf

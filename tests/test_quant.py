@@ -1,0 +1,417 @@
+"""Blockwise quantization ops (pyperf.ops.quantize / dequantize / reduce_quantized) against the bit-exact oracle in
+pyperf/_reference.py: every format and input dtype, odd sizes, stochastic rounding, error feedback, non-finite
+blocks, the fused reduce, opcheck and the error messages. CUDA cases also check CPU/CUDA bit identity."""
+import math
+
+import pytest
+import torch
+
+from conftest import devices
+from pyperf import _reference as R
+from pyperf import ops
+
+FORMATS = ops.QUANT_FORMATS
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SIZES = (0, 1, 31, 257, 1009)          # empty, single, < one block, primes that leave a partial last block
+FP8_MBITS = {"fp8_e4m3": (3, -6), "fp8_e5m2": (2, -14)}   # mantissa bits, smallest normal exponent
+
+
+def _randn(n, dtype, device, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    # values spread over several binades, so fp8 sees its subnormal and normal ranges
+    x = torch.randn(n, generator=g) * scale * torch.exp2(torch.randint(-6, 3, (n,), generator=g).float())
+    return x.to(dtype).to(device)
+
+
+def _block_scales(wire, numel, block_size):
+    nb = ops.quant_nblocks(numel, block_size)
+    return wire[:4 * nb].cpu().view(torch.float32)
+
+
+def _per_elem_scale(wire, numel, block_size):
+    return _block_scales(wire, numel, block_size).repeat_interleave(block_size)[:numel]
+
+
+# ---- layout ----
+
+def test_wire_bytes():
+    assert R._QMAX == ops.QUANT_QMAX
+    assert ops.wire_bytes(0, "int8") == 0
+    assert ops.wire_bytes(1, "int8", 32) == 4 + 32
+    assert ops.wire_bytes(1000, "int8", 256) == 4 * 4 + 4 * 256
+    assert ops.wire_bytes(1000, "int4", 256) == 4 * 4 + 4 * 128
+    assert ops.wire_bytes(513, "fp8_e5m2", 512) == 8 + 1024
+    for fmt in FORMATS:
+        for bs in (32, 64, 4096):
+            for n in (1, 7, 100, 4097):
+                assert ops.wire_bytes(n, fmt, bs) % 4 == 0
+                assert ops.quantize(torch.zeros(n), fmt, bs).numel() == ops.wire_bytes(n, fmt, bs)
+
+
+def test_philox_reference_matches_known_answer():
+    # Random123 KAT: philox4x32-10, counter 0, key 0 -> 0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8
+    u = R.philox_uniform(4, 0, 0)
+    expect = torch.tensor([0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8], dtype=torch.int64)
+    assert torch.equal(u, (expect >> 8).float() / 16777216.0)
+
+
+def test_fp8_reference_codes_match_torch():
+    for fmt, dt in (("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
+        qmax = ops.QUANT_QMAX[fmt]
+        t = (torch.rand(20000) * 2 - 1) * qmax * torch.exp2(-torch.randint(0, 24, (20000,)).float())
+        assert torch.equal(R._fp8_codes(t, fmt, False, None), t.to(dt).view(torch.uint8))
+        allc = torch.arange(256, dtype=torch.uint8).view(dt).float()
+        assert torch.equal(R.fp8_decode_table(fmt).nan_to_num(7.0), allc.nan_to_num(7.0))
+
+
+# ---- quantize / dequantize against the reference ----
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_matches_reference(device, fmt, dtype):
+    for i, n in enumerate(SIZES):
+        for bs in (32, 256):
+            for sr, ef in ((False, False), (True, False), (False, True), (True, True)):
+                x = _randn(n, dtype, device, seed=i * 31 + bs)
+                r = torch.randn(n, device=device) * 0.05 if ef else None
+                r_ref = r.cpu().clone() if ef else None
+                wire = ops.quantize(x, fmt, bs, stochastic=sr, seed=11, offset=n, residual=r)
+                ref = R.quantize(x.cpu(), fmt, bs, stochastic=sr, seed=11, offset=n, residual=r_ref)
+                assert wire.dtype == torch.uint8 and wire.device.type == device
+                assert torch.equal(wire.cpu(), ref), (fmt, dtype, n, bs, sr, ef)
+                if ef:
+                    assert torch.equal(r.cpu(), r_ref), (fmt, dtype, n, bs, sr)
+                for out_dtype in DTYPES:
+                    d = ops.dequantize(wire, n, fmt, bs, out_dtype=out_dtype, scale=0.25)
+                    d_ref = R.dequantize(ref, n, fmt, bs, out_dtype=out_dtype, scale=0.25)
+                    assert d.dtype == out_dtype and d.shape == (n,)
+                    assert torch.equal(d.cpu(), d_ref), (fmt, dtype, n, bs, out_dtype)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("bs", (32, 128, 4096))
+def test_int8_exact_on_representable_values(device, bs):
+    n = 3 * bs + 5
+    k = torch.randint(-127, 128, (n,))
+    k[::bs] = 127                                  # every block reaches qmax, so its scale is exactly 2^e
+    e = torch.randint(-10, 10, (ops.quant_nblocks(n, bs),)).repeat_interleave(bs)[:n]
+    x = (k.float() * torch.exp2(e.float())).to(device)
+    d = ops.dequantize(ops.quantize(x, "int8", bs), n, "int8", bs)
+    assert torch.equal(d, x)
+    xb = x.to(torch.bfloat16)                      # |k| < 2^8: exact in bf16 too
+    assert torch.equal(ops.dequantize(ops.quantize(xb, "int8", bs), n, "int8", bs, out_dtype=torch.bfloat16), xb)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_error_bounds(device, fmt):
+    n, bs = 5003, 128
+    x = _randn(n, torch.float32, device, seed=3)
+    for sr in (False, True):
+        wire = ops.quantize(x, fmt, bs, stochastic=sr, seed=1, offset=2)
+        err = (ops.dequantize(wire, n, fmt, bs) - x).abs().cpu()
+        s = _per_elem_scale(wire, n, bs)
+        xa = x.abs().cpu()
+        if fmt in ("int8", "int4"):
+            bound = s * 0.5 * (1 + 1e-6) if not sr else s
+        else:
+            mbits, emin = FP8_MBITS[fmt]
+            half = xa * 2.0 ** -(mbits + 1) + s * 2.0 ** (emin - mbits - 1)
+            bound = half * (1 + 1e-6) if not sr else 2 * half
+        ok = err <= bound if not sr else err < bound
+        assert ok.all(), (fmt, sr, (err - bound).max())
+
+
+# ---- outputs: every element written, only the requested bytes touched ----
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_into_slice_of_send_buffer(device, fmt):
+    n, bs, world = 1009, 64, 3
+    wb = ops.wire_bytes(n, fmt, bs)
+    buf = torch.full((world * wb,), 0xAB, dtype=torch.uint8, device=device)
+    xs = [_randn(n, torch.bfloat16, device, seed=r) for r in range(world)]
+    for r in (2, 0):                               # rank 1's chunk stays poisoned
+        out = ops.quantize(xs[r], fmt, bs, stochastic=True, seed=5, offset=r, out=buf[r * wb:(r + 1) * wb])
+        assert out.data_ptr() == buf[r * wb:].data_ptr()
+        assert torch.equal(out.cpu(), R.quantize(xs[r].cpu(), fmt, bs, stochastic=True, seed=5, offset=r))
+    assert (buf[wb:2 * wb] == 0xAB).all()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_dequantize_into_poisoned_and_accumulate(device, fmt, out_dtype):
+    n, bs = 1009, 64
+    wire = ops.quantize(_randn(n, torch.float32, device, seed=7), fmt, bs)
+    out = torch.full((n,), float("nan"), dtype=out_dtype, device=device)
+    ops.dequantize(wire, n, fmt, bs, out=out, scale=0.5)
+    assert torch.equal(out.cpu(), R.dequantize(wire.cpu(), n, fmt, bs, out_dtype=out_dtype, scale=0.5))
+    acc = _randn(n, out_dtype, device, seed=8)
+    expect = R.dequantize(wire.cpu(), n, fmt, bs, scale=0.5, out=acc.cpu().clone(), accumulate=True)
+    ops.dequantize(wire, n, fmt, bs, out=acc, scale=0.5, accumulate=True)
+    assert torch.equal(acc.cpu(), expect)
+    out2d = torch.full((n // 1009, 1009), float("nan"), dtype=out_dtype, device=device)   # any shape, flat order
+    ops.dequantize(wire, n, fmt, bs, out=out2d)
+    assert torch.equal(out2d.reshape(-1).cpu(), R.dequantize(wire.cpu(), n, fmt, bs, out_dtype=out_dtype))
+
+
+# ---- stochastic rounding ----
+
+@pytest.mark.parametrize("device", devices())
+def test_stochastic_rounding_is_deterministic(device):
+    x = _randn(3001, torch.float32, device, seed=9)
+    for fmt in FORMATS:
+        a = ops.quantize(x, fmt, 64, stochastic=True, seed=123, offset=7)
+        assert torch.equal(a, ops.quantize(x, fmt, 64, stochastic=True, seed=123, offset=7))
+        assert not torch.equal(a, ops.quantize(x, fmt, 64, stochastic=True, seed=123, offset=8))
+        assert not torch.equal(a, ops.quantize(x, fmt, 64, stochastic=True, seed=124, offset=7))
+        big = ops.quantize(x, fmt, 64, stochastic=True, seed=-1, offset=-(2 ** 63))   # full 64-bit range
+        assert torch.equal(big.cpu(), R.quantize(x.cpu(), fmt, 64, stochastic=True, seed=-1, offset=-(2 ** 63)))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stochastic_rounding_is_unbiased(device, fmt):
+    n, bs, trials = 512, 64, 256
+    x = _randn(n, torch.float32, device, seed=10)
+    acc = torch.zeros(n, dtype=torch.float64, device=device)
+    for t in range(trials):
+        acc += ops.dequantize(ops.quantize(x, fmt, bs, stochastic=True, seed=77, offset=t), n, fmt, bs).double()
+    mean = (acc / trials).cpu()
+    wire = ops.quantize(x, fmt, bs)
+    gap = _per_elem_scale(wire, n, bs).double()        # a bound on the distance between neighbours
+    if fmt in FP8_MBITS:
+        mbits, emin = FP8_MBITS[fmt]
+        gap = x.abs().cpu().double() * 2.0 ** -mbits + gap * 2.0 ** (emin - mbits)
+    # per element the draw is within one gap, so its std is <= gap / 2: 6 sigma over `trials` draws
+    assert ((mean - x.cpu().double()).abs() <= 6 * gap / (2 * math.sqrt(trials)) + 1e-7).all()
+    rtn = ops.dequantize(wire, n, fmt, bs).cpu().double()
+    assert (mean - x.cpu().double()).abs().mean() < 0.5 * (rtn - x.cpu().double()).abs().mean()
+
+
+# ---- error feedback ----
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_error_feedback_identity(device, fmt):
+    n, bs = 2003, 128
+    r = torch.zeros(n, device=device)
+    sent = torch.zeros(n, dtype=torch.float64, device=device)
+    total = torch.zeros(n, dtype=torch.float64, device=device)
+    for step in range(6):
+        x = _randn(n, torch.bfloat16, device, seed=100 + step)
+        v = x.float() + r
+        wire = ops.quantize(x, fmt, bs, stochastic=step % 2 == 1, seed=1, offset=step, residual=r)
+        d = ops.dequantize(wire, n, fmt, bs)
+        s = _per_elem_scale(wire, n, bs).to(device)
+        # x + r_old == deQ(q) + r_new within fp32 rounding (of the larger of v and what was sent)
+        assert ((d + r) - v).abs().le((v.abs() + s) * 2 ** -22).all()
+        sent += d.double()
+        total += x.double()
+    # nothing is lost over steps: everything not yet sent is in the residual
+    assert (sent + r.double() - total).abs().max().item() < 1e-4
+
+
+# ---- non-finite input ----
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_non_finite_blocks_stay_non_finite(device, fmt, dtype):
+    n, bs = 300, 64
+    x = _randn(n, dtype, device, seed=12)
+    x[70] = float("inf")
+    x[200] = float("nan")
+    x[299] = -float("inf")                          # in the partial last block
+    r = torch.full((n,), 0.01, device=device)
+    wire = ops.quantize(x, fmt, bs, stochastic=True, seed=3, residual=r)
+    d = ops.dequantize(wire, n, fmt, bs)
+    bad = torch.zeros(n, dtype=torch.bool)
+    for b in (1, 3, 4):
+        bad[b * bs:(b + 1) * bs] = True
+    assert d.cpu()[bad].isnan().all()               # the whole block: GradScaler sees it
+    assert d.cpu()[~bad].isfinite().all()
+    assert (r.cpu()[bad] == 0).all()                # residual reset: the step is skipped, no lasting poison
+    assert r.isfinite().all() and (r.cpu()[~bad] != 0).any()
+    # next (finite) step is clean again
+    d2 = ops.dequantize(ops.quantize(_randn(n, dtype, device, seed=13), fmt, bs, residual=r), n, fmt, bs)
+    assert d2.isfinite().all()
+    # the reduce keeps it: one rank's non-finite block makes that block of the sum non-finite
+    wires = torch.stack([wire, ops.quantize(_randn(n, dtype, device, seed=14), fmt, bs)])
+    s = ops.reduce_quantized(wires, n, fmt, bs)
+    assert s.cpu()[bad].isnan().all() and s.cpu()[~bad].isfinite().all()
+    rr = torch.ones(n, device=device)
+    w2 = ops.reduce_quantized(wires, n, fmt, bs, requantize=True, residual=rr)
+    assert ops.dequantize(w2, n, fmt, bs).cpu()[bad].isnan().all()
+    assert (rr.cpu()[bad] == 0).all() and rr.isfinite().all()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_overflowing_sum_is_not_laundered(device):
+    n = 64
+    x = torch.full((n,), 3.0e38, device=device)
+    wires = torch.stack([ops.quantize(x, "int8", 32)] * 2)
+    assert ops.reduce_quantized(wires, n, "int8", 32).isinf().all()
+    assert ops.dequantize(ops.reduce_quantized(wires, n, "int8", 32, requantize=True), n, "int8", 32).isnan().all()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_tiny_and_zero_blocks(device):
+    x = torch.zeros(96, device=device)
+    x[32:64] = 1e-40                                # scale would be subnormal: sent as zeros, kept in residual
+    r = torch.zeros(96, device=device)
+    wire = ops.quantize(x, "int8", 32, residual=r)
+    assert (_block_scales(wire, 96, 32) == 0).all()
+    assert (ops.dequantize(wire, 96, "int8", 32) == 0).all()
+    expect = torch.zeros(96).index_fill_(0, torch.arange(32, 64), 1e-40)
+    if device == "cpu":
+        assert torch.equal(r.cpu(), expect)
+    else:                                           # CUDA may flush subnormals (fast math)
+        assert ((r.cpu() == expect) | (r.cpu() == 0)).all()
+
+
+# ---- the fused reduce ----
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reduce_quantized_matches_reference(device, fmt):
+    for world in (1, 2, 3, 4, 5):
+        n, bs = 1009 + world, 64
+        wires = torch.stack([ops.quantize(_randn(n, torch.float32, device, seed=world * 10 + r), fmt, bs,
+                                          stochastic=True, seed=r) for r in range(world)])
+        for out_dtype in DTYPES:
+            s = ops.reduce_quantized(wires, n, fmt, bs, scale=1.0 / world, out_dtype=out_dtype)
+            ref = R.reduce_quantized(wires.cpu(), n, fmt, bs, scale=1.0 / world, out_dtype=out_dtype)
+            assert s.dtype == out_dtype and torch.equal(s.cpu(), ref), (world, out_dtype)
+        for sr in (False, True):
+            r = torch.randn(n, device=device) * 0.01
+            r_ref = r.cpu().clone()
+            w = ops.reduce_quantized(wires, n, fmt, bs, scale=0.5, requantize=True, residual=r, stochastic=sr,
+                                     seed=4, offset=world)
+            ref = R.reduce_quantized(wires.cpu(), n, fmt, bs, scale=0.5, requantize=True, residual=r_ref,
+                                     stochastic=sr, seed=4, offset=world)
+            assert torch.equal(w.cpu(), ref) and torch.equal(r.cpu(), r_ref), (world, sr)
+        w = ops.reduce_quantized(wires, n, fmt, bs, requantize=True)
+        assert torch.equal(w.cpu(), R.reduce_quantized(wires.cpu(), n, fmt, bs, requantize=True))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_reduce_quantized_sizes(device):
+    for n in (0, 1, 33):
+        wires = torch.stack([ops.quantize(torch.randn(n, device=device), "int4", 32) for _ in range(3)])
+        assert torch.equal(ops.reduce_quantized(wires, n, "int4", 32).cpu(), R.reduce_quantized(wires.cpu(), n, "int4", 32))
+    empty = torch.empty(0, ops.wire_bytes(40, "int8", 32), dtype=torch.uint8, device=device)
+    assert torch.equal(ops.reduce_quantized(empty, 40, "int8", 32).cpu(), torch.zeros(40))
+    # the sum is in fixed rank order: the same wires give the same bits
+    wires = torch.stack([ops.quantize(torch.randn(999, device=device) * 10 ** r, "fp8_e5m2") for r in range(4)])
+    assert torch.equal(ops.reduce_quantized(wires, 999, "fp8_e5m2"), ops.reduce_quantized(wires, 999, "fp8_e5m2"))
+
+
+# ---- CPU and CUDA give the same bits ----
+
+@pytest.mark.parametrize("device", [d for d in devices() if d != "cpu"] or ["cuda"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_bits_match_cpu(device, fmt):
+    for n in (1, 4096 * 3 + 17, 100003):
+        for bs in (32, 256, 2048, 4096):
+            for dtype in DTYPES:
+                x = _randn(n, dtype, "cpu", seed=n + bs)
+                r = torch.randn(n) * 0.1
+                rc = r.to(device)
+                wc = ops.quantize(x.to(device), fmt, bs, stochastic=True, seed=9, offset=bs, residual=rc)
+                w = ops.quantize(x, fmt, bs, stochastic=True, seed=9, offset=bs, residual=r)
+                assert torch.equal(wc.cpu(), w) and torch.equal(rc.cpu(), r), (n, bs, dtype)
+            wires = torch.stack([w, w.flip(0)]) if fmt == "int8" else torch.stack([w, w])
+            assert torch.equal(ops.reduce_quantized(wires.to(device), n, fmt, bs).cpu(),
+                               ops.reduce_quantized(wires, n, fmt, bs))
+
+
+# ---- torch.library contract ----
+
+def _opcheck_cases(device):
+    x = torch.randn(300, device=device)
+    wire = ops.quantize(x, "int8", 64)
+    w4 = ops.quantize(x, "int4", 32)
+    wires = torch.stack([wire, wire])
+    return [
+        (torch.ops.pyperf.quantize.default, (x, "int8", 64, True, 1, 2, torch.zeros(300, device=device))),
+        (torch.ops.pyperf.quantize.default, (x.bfloat16(), "fp8_e4m3", 32, False, 0, 0, None)),
+        (torch.ops.pyperf.quantize_into.default,
+         (x, "int4", 32, False, 0, 0, None, torch.empty(ops.wire_bytes(300, "int4", 32), dtype=torch.uint8,
+                                                        device=device))),
+        (torch.ops.pyperf.dequantize.default, (wire, 300, "int8", 64, torch.bfloat16, 0.5)),
+        (torch.ops.pyperf.dequantize_into.default, (w4, 300, "int4", 32, 2.0, True, torch.randn(300, device=device))),
+        (torch.ops.pyperf.reduce_quantized.default, (wires, 300, "int8", 64, 0.5, torch.float32)),
+        (torch.ops.pyperf.reduce_requantize.default,
+         (wires, 300, "int8", 64, 0.5, True, 3, 4, torch.zeros(300, device=device))),
+    ]
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    def step(x, r):
+        wire = ops.quantize(x, "int8", 64, stochastic=True, seed=1, offset=2, residual=r)
+        return ops.dequantize(wire, x.numel(), "int8", 64, scale=0.5)
+
+    x, r1 = torch.randn(1000), torch.zeros(1000)
+    r2 = r1.clone()
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(x, r1)
+    assert torch.equal(out, step(x, r2)) and torch.equal(r1, r2)
+
+
+# ---- bad input ----
+
+def test_bad_input_errors():
+    x = torch.randn(100)
+    wire = ops.quantize(x, "int8", 32)
+    with pytest.raises((RuntimeError, ValueError), match="dtype float32, bfloat16 or float16"):
+        ops.quantize(x.double(), "int8")
+    with pytest.raises((RuntimeError, ValueError), match="dtype float32, bfloat16 or float16"):
+        ops.quantize(torch.ones(10, dtype=torch.int32), "int8")
+    for bs in (16, 48, 8192, 0):
+        with pytest.raises(ValueError, match="block_size: expected a power of two in"):
+            ops.quantize(x, "int8", bs)
+        with pytest.raises(ValueError, match="block_size"):
+            ops.wire_bytes(100, "int8", bs)
+    with pytest.raises(ValueError, match="fmt: expected one of"):
+        ops.quantize(x, "int2")
+    with pytest.raises(ValueError, match="fmt: expected one of"):
+        ops.wire_bytes(10, "fp8")
+    with pytest.raises(RuntimeError, match="expected a contiguous tensor"):
+        ops.quantize(torch.randn(10, 10).t(), "int8")
+    with pytest.raises(RuntimeError, match="wire_bytes.*got 140"):
+        ops.dequantize(wire[:-4], 100, "int8", 32)
+    with pytest.raises(RuntimeError, match="wire_bytes"):
+        ops.dequantize(wire, 200, "int8", 32)
+    with pytest.raises(RuntimeError, match="uint8"):
+        ops.dequantize(wire.view(torch.int8), 100, "int8", 32)
+    with pytest.raises(RuntimeError, match="aligned"):
+        buf = torch.zeros(ops.wire_bytes(100, "int8", 32) + 1, dtype=torch.uint8)
+        ops.quantize(x, "int8", 32, out=buf[1:])
+    with pytest.raises(RuntimeError, match="residual: expected 100 elements, got 99"):
+        ops.quantize(x, "int8", residual=torch.zeros(99))
+    with pytest.raises(RuntimeError, match="residual: expected a float32 tensor"):
+        ops.quantize(x, "int8", residual=torch.zeros(100, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="out: expected wire_bytes"):
+        ops.quantize(x, "int8", 32, out=torch.zeros(10, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="out: expected 100 elements"):
+        ops.dequantize(wire, 100, "int8", 32, out=torch.zeros(99))
+    with pytest.raises(RuntimeError, match="out_dtype"):
+        ops.dequantize(wire, 100, "int8", 32, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="accumulate=True needs out"):
+        ops.dequantize(wire, 100, "int8", 32, accumulate=True)
+    with pytest.raises(RuntimeError, match=r"wires: expected shape \[W, wire_bytes"):
+        ops.reduce_quantized(wire, 100, "int8", 32)
+    with pytest.raises(RuntimeError, match=r"wires: expected shape"):
+        ops.reduce_quantized(torch.stack([wire, wire]), 100, "int4", 32)
+    with pytest.raises(ValueError, match="only with requantize=True"):
+        ops.reduce_quantized(torch.stack([wire]), 100, "int8", 32, residual=torch.zeros(100))
+    with pytest.raises(RuntimeError, match="residual: expected 100 elements"):
+        ops.reduce_quantized(torch.stack([wire]), 100, "int8", 32, requantize=True, residual=torch.zeros(3))
