@@ -209,6 +209,148 @@ def _reduce_requantize_fake(wires, numel, fmt, block_size, scale, stochastic, se
 
 # ---- norm ----------------------------------------------------------------------------------------------------
 
+# Residual-add + RMSNorm / LayerNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu; docs/norm.md). The forward returns the
+# per-row statistics for the backward; register_autograd saves either the input stream h (save="input") or the
+# output y (save="output": backward reconstructs xhat = (y - bias) / weight, so weight must have no zeros).
+
+
+def _norm_stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _norm_save_output(save):
+    if save not in ("input", "output"):
+        raise ValueError("save: expected \"input\" or \"output\", got %r" % (save,))
+    return save == "output"
+
+
+def rms_norm_default_eps(dtype: torch.dtype) -> float:
+    """torch.nn.RMSNorm's eps=None: the epsilon of the compute (opmath) dtype, not of the activation dtype."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _norm_fake_fwd(x, residual):
+    torch._check(x.dim() >= 1, lambda: "x: expected at least 1 dim, got a 0-dim tensor")
+    if residual is not None:
+        torch._check(residual.shape == x.shape,
+                     lambda: "residual: expected sizes %s like x, got %s" % (tuple(x.shape), tuple(residual.shape)))
+    y = x.new_empty(x.shape)
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+    return y, h
+
+
+@torch.library.register_fake("pyperf::add_rms_norm")
+def _add_rms_norm_fake(x, residual, weight, eps, save_output=False):
+    y, h = _norm_fake_fwd(x, residual)
+    return y, h, x.new_empty(x.shape[:-1], dtype=_norm_stat_dtype(x))
+
+
+@torch.library.register_fake("pyperf::add_layer_norm")
+def _add_layer_norm_fake(x, residual, weight, bias, eps, save_output=False):
+    y, h = _norm_fake_fwd(x, residual)
+    stat = x.new_empty(x.shape[:-1], dtype=_norm_stat_dtype(x))
+    return y, h, stat, stat.new_empty(stat.shape)
+
+
+def _affine_grad_fake(p, saved):
+    return p.new_empty(p.shape) if p is not None else saved.new_empty((0,))
+
+
+@torch.library.register_fake("pyperf::add_rms_norm_backward")
+def _add_rms_norm_backward_fake(dy, dh, saved, weight, rstd, saved_is_output):
+    return saved.new_empty(saved.shape), _affine_grad_fake(weight, saved)
+
+
+@torch.library.register_fake("pyperf::add_layer_norm_backward")
+def _add_layer_norm_backward_fake(dy, dh, saved, weight, bias, mean, rstd, saved_is_output):
+    return saved.new_empty(saved.shape), _affine_grad_fake(weight, saved), _affine_grad_fake(bias, saved)
+
+
+def _norm_saved(ctx, x, residual, y, h, save_output):
+    ctx.has_residual = residual is not None
+    ctx.save_output = bool(save_output)
+    if save_output:
+        return y
+    return h if residual is not None else x
+
+
+def _norm_grads(ctx, saved, dy, dh):
+    dy = torch.zeros_like(saved) if dy is None else dy.contiguous()
+    dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
+    return dy, dh
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    x, residual, weight, eps, save_output = inputs
+    y, h, rstd = output
+    ctx.save_for_backward(_norm_saved(ctx, x, residual, y, h, save_output), weight, rstd)
+
+
+def _add_rms_norm_bwd(ctx, dy, dh, drstd):
+    saved, weight, rstd = ctx.saved_tensors
+    dy, dh = _norm_grads(ctx, saved, dy, dh)
+    dx, dw = _lib.add_rms_norm_backward(dy, dh, saved, weight, rstd, ctx.save_output)
+    return dx, (dx if ctx.has_residual else None), (dw if weight is not None else None), None, None
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, save_output = inputs
+    y, h, mean, rstd = output
+    saved = _norm_saved(ctx, x, residual, y, h, save_output)
+    # With save="output" the mean is not needed: xhat comes from y.
+    ctx.save_for_backward(saved, weight, bias, None if save_output else mean, rstd)
+
+
+def _add_layer_norm_bwd(ctx, dy, dh, dmean, drstd):
+    saved, weight, bias, mean, rstd = ctx.saved_tensors
+    dy, dh = _norm_grads(ctx, saved, dy, dh)
+    dx, dw, db = _lib.add_layer_norm_backward(dy, dh, saved, weight, bias, mean, rstd, ctx.save_output)
+    return (dx, (dx if ctx.has_residual else None), (dw if weight is not None else None),
+            (db if bias is not None else None), None, None)
+
+
+torch.library.register_autograd("pyperf::add_rms_norm", _add_rms_norm_bwd, setup_context=_add_rms_norm_setup)
+torch.library.register_autograd("pyperf::add_layer_norm", _add_layer_norm_bwd, setup_context=_add_layer_norm_setup)
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                 eps: float = 1e-6, save: str = "input") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h = x + residual (if given); y = h / sqrt(mean(h^2, -1) + eps) * weight. Returns (y, h, rstd); h is an
+    empty tensor when residual is None. save="output" makes backward keep y instead of h (weight: no zeros)."""
+    return _lib.add_rms_norm(x.contiguous(), _contig(residual), _contig(weight), float(eps), _norm_save_output(save))
+
+
+def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                   bias: Optional[torch.Tensor] = None, eps: float = 1e-5, save: str = "input"
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h = x + residual (if given); y = (h - mean) / sqrt(var + eps) * weight + bias over the last dim.
+    Returns (y, h, mean, rstd); h is an empty tensor when residual is None."""
+    return _lib.add_layer_norm(x.contiguous(), _contig(residual), _contig(weight), _contig(bias), float(eps),
+                               _norm_save_output(save))
+
+
+def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: Optional[float] = None,
+             residual: Optional[torch.Tensor] = None, save: str = "input"):
+    """Like torch.nn.functional.rms_norm over the last dim (eps=None: torch's default, the machine epsilon of the
+    compute dtype: float32's for float32/bfloat16/float16, float64's for float64). With a residual, returns
+    (y, h) where h = x + residual is the new residual stream."""
+    if eps is None:
+        eps = rms_norm_default_eps(x.dtype)
+    y, h, _ = add_rms_norm(x, residual, weight, eps, save)
+    return y if residual is None else (y, h)
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+               eps: float = 1e-5, residual: Optional[torch.Tensor] = None, save: str = "input"):
+    """Like torch.nn.functional.layer_norm over the last dim. With a residual, returns (y, h), h = x + residual."""
+    y, h, _, _ = add_layer_norm(x, residual, weight, bias, eps, save)
+    return y if residual is None else (y, h)
+
+
 
 # ---- activation ----------------------------------------------------------------------------------------------
 
