@@ -8,9 +8,9 @@ PyTorch data-parallel training.
 """
 import torch  # noqa: F401  (torch must be imported before _C: it provides the symbols _C links against)
 
-from pyperf._load import BuildError, load as _load
+from pyperf._load import BuildError, load as _load_extension
 
-_C = _load()
+_C = _load_extension()
 __version__ = _C.VERSION
 
 from pyperf import ops  # noqa: E402,F401  (registers fakes and autograd for every op)
