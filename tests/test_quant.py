@@ -343,7 +343,8 @@ def test_cuda_bits_match_cpu(device, fmt):
                 wc = ops.quantize(x.to(device), fmt, bs, stochastic=True, seed=9, offset=bs, residual=rc)
                 w = ops.quantize(x, fmt, bs, stochastic=True, seed=9, offset=bs, residual=r)
                 assert torch.equal(wc.cpu(), w) and torch.equal(rc.cpu(), r), (n, bs, dtype)
-            wires = torch.stack([w, w.flip(0)]) if fmt == "int8" else torch.stack([w, w])
+            w2 = ops.quantize(_randn(n, torch.float32, "cpu", seed=n + bs + 1), fmt, bs)
+            wires = torch.stack([w, w2, w])
             assert torch.equal(ops.reduce_quantized(wires.to(device), n, fmt, bs).cpu(),
                                ops.reduce_quantized(wires, n, fmt, bs))
 
