@@ -347,6 +347,18 @@ def test_cuda_bits_match_cpu(device, fmt):
             wires = torch.stack([w, w2, w])
             assert torch.equal(ops.reduce_quantized(wires.to(device), n, fmt, bs).cpu(),
                                ops.reduce_quantized(wires, n, fmt, bs))
+            r = torch.randn(n) * 0.1
+            rc = r.to(device)
+            wc = ops.reduce_quantized(wires.to(device), n, fmt, bs, scale=0.5, requantize=True, residual=rc,
+                                      stochastic=True, seed=1, offset=n)
+            w = ops.reduce_quantized(wires, n, fmt, bs, scale=0.5, requantize=True, residual=r, stochastic=True,
+                                     seed=1, offset=n)
+            assert torch.equal(wc.cpu(), w) and torch.equal(rc.cpu(), r), (n, bs)
+            d = torch.randn(n, dtype=torch.bfloat16)
+            dc = d.to(device)
+            ops.dequantize(wc, n, fmt, bs, out=dc, scale=0.25, accumulate=True)
+            ops.dequantize(w, n, fmt, bs, out=d, scale=0.25, accumulate=True)
+            assert torch.equal(dc.cpu(), d)
 
 
 _BASELINE_ISA_SCRIPT = """
