@@ -446,3 +446,14 @@ def test_wrapper_and_registered_autograd_agree():
         gb = torch.autograd.grad(yb.square().sum(), inputs)
         for u, v in zip(ga, gb):
             assert torch.equal(u, v)
+
+
+def test_compile_keeps_the_seed_symbolic():
+    """A fresh seed per call must not recompile torch.compile'd code every step (seed/offset are SymInt)."""
+    import torch._dynamo.testing
+    x, r = torch.randn(4, 16), torch.randn(4, 16)
+    cnt = torch._dynamo.testing.CompileCounter()
+    f = torch.compile(lambda x, r, s: ops.bias_dropout_residual(x, None, r, 0.5, s, 0), backend=cnt)
+    for s in range(6):
+        assert torch.equal(f(x, r, 100 + s), ops.bias_dropout_residual(x, None, r, 0.5, 100 + s, 0))
+    assert cnt.frame_count <= 2   # the first (static) compile, then one dynamic one

@@ -414,12 +414,12 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
 // ---- bias + dropout + residual-add -------------------------------------------------------------------------
 
 at::Tensor bias_dropout_residual_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
-                                     const at::Tensor& residual_in, double p, int64_t seed, int64_t offset) {
+                                     const at::Tensor& residual_in, double p, c10::SymInt seed, c10::SymInt offset) {
   check_float_or_double(x_in, "x");
   check_bias(bias_in, x_in, "x");
   check_like(residual_in, x_in, "residual", "x");
   check_same_shape(residual_in, x_in, "residual", "x");
-  const DropoutParams d = make_dropout_params(p, seed, offset);
+  const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
   const at::Tensor x = x_in.contiguous(), res = residual_in.contiguous();
   const at::Tensor bias = has(bias_in) ? bias_in->contiguous() : at::Tensor();
   at::Tensor y = at::empty(x.sizes(), x.options());
@@ -461,10 +461,10 @@ at::Tensor bias_dropout_residual_cpu(const at::Tensor& x_in, const std::optional
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_dropout_residual_backward_cpu(const at::Tensor& grad_in, double p,
-                                                                      int64_t seed, int64_t offset,
+                                                                      c10::SymInt seed, c10::SymInt offset,
                                                                       bool bias_grad) {
   check_float_or_double(grad_in, "grad");
-  const DropoutParams d = make_dropout_params(p, seed, offset);
+  const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor gx = at::empty(grad.sizes(), grad.options());
   const int64_t hidden = last_dim(grad);
