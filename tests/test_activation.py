@@ -457,3 +457,23 @@ def test_compile_keeps_the_seed_symbolic():
     for s in range(6):
         assert torch.equal(f(x, r, 100 + s), ops.bias_dropout_residual(x, None, r, 0.5, 100 + s, 0))
     assert cnt.frame_count <= 2   # the first (static) compile, then one dynamic one
+
+
+def test_benchmark_cases_run():
+    """benchmarks/bench_activation.py builds its cases and the pyperf and eager impls run (no timing here)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "bench_activation.py")
+    spec = importlib.util.spec_from_file_location("bench_activation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod._shapes = lambda device, quick: [(16, 64)]   # the plumbing, not the sizes
+    mod._compiled = lambda fn: None                   # torch.compile's import alone takes seconds
+    cases = mod.cases("cpu", torch.float32, True)
+    assert len(cases) == 9 and all(c.bytes > 0 for c in cases)
+    for c in cases:
+        inputs = c.setup()
+        for name, fn in c.impls.items():
+            fn(inputs)
+            fn(inputs)   # bwd-only impls reuse their retained graph
