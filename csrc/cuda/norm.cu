@@ -451,7 +451,7 @@ void launch_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dh, const
   }
 #undef PYPERF_NORM_BWD_VEC
 #undef PYPERF_NORM_BWD
-  if (want_dw || want_db) {
+  if ((want_dw || want_db) && rows.N > 0) {
     at::Tensor& out0 = want_dw ? dweight : dbias;
     const dim3 grid(static_cast<unsigned>((rows.N + 31) / 32), (want_dw && want_db) ? 2 : 1);
     norm_affine_grad_kernel<T><<<grid, dim3(32, 8), 0, stream>>>(
