@@ -241,6 +241,43 @@ def test_backward_ops_match_reference(device, kind):
                 assert _err(g, c) <= TOL[dtype] * 2, _err(g, c)
 
 
+def _misaligned(t):
+    """A contiguous copy of t whose data starts 1 element past an allocation (off the 16-byte boundary)."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    return out.copy_(t)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_misaligned_and_long_rows(device, kind):
+    """Contiguous views that start off a 16-byte boundary (the scalar CUDA path) and rows past 16384 (the
+    1024-thread CUDA path)."""
+    for N in ([1024, 20000, 32768] if device == "cuda" else [1024, 20000]):
+        x, r, w, b = _inputs(kind, 3, N, torch.bfloat16, device)
+        _check_against_reference(kind, x, r, w, b, 1e-5, "input", torch.bfloat16)
+        xs, dys = (_misaligned(t) for t in (x, torch.randn_like(x)))
+        assert xs.data_ptr() % 16 != 0 and xs.is_contiguous()
+        up = lambda t: None if t is None else t.double()  # noqa: E731
+        y, h = _run(kind, xs, r, w, b, 1e-5)
+        y_ref, h_ref = _run(kind, up(x), up(r), up(w), up(b), 1e-5, impl=ref)
+        assert _err(y, y_ref) <= TOL[torch.bfloat16]
+        hs = _misaligned(h)
+        if kind == "ln":
+            _, _, mean, rstd = ops.add_layer_norm(hs, None, w, b, 1e-5)
+            got = ops._lib.add_layer_norm_backward(dys, None, hs, w, b, mean, rstd, False)
+            want = ref.add_layer_norm_backward(up(dys), None, up(hs), up(w), up(b), mean.double(), rstd.double(),
+                                               False)
+        else:
+            _, _, rstd = ops.add_rms_norm(hs, None, w, 1e-5)
+            got = ops._lib.add_rms_norm_backward(dys, None, hs, w, rstd, False)
+            want = ref.add_rms_norm_backward(up(dys), None, up(hs), up(w), rstd.double(), False)
+        for g_, c_ in zip(got, want):
+            assert _err(g_, c_) <= 2 * TOL[torch.bfloat16]
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="rows of at most 32768"):
+            ops.add_rms_norm(torch.randn(2, 32769, device=device))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_poisoned_allocations(device):
     """Outputs come from the allocator: fill same-sized blocks with nan and free them first, so an element the
