@@ -476,3 +476,17 @@ def test_gpt2_drop_in(save):
     for (n, pb), (_, pf) in zip(base.named_parameters(), fused.named_parameters()):
         torch.testing.assert_close(pf.grad, pb.grad, atol=1e-4, rtol=1e-3, msg=n)
     assert base.state_dict().keys() == fused.state_dict().keys()
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_only_residual_stream_used(kind):
+    """Gradient flowing only through h (y unused): dx = dresidual = dh, zero weight gradient."""
+    x, r, w, b = _inputs(kind, 4, 33, torch.float32, "cpu")
+    leaves = [t.requires_grad_(True) for t in (x, r, w, b) if t is not None]
+    _, h = _run(kind, x, r, w, b, 1e-5)
+    gh = torch.randn_like(h)
+    grads = torch.autograd.grad((h * gh).sum(), leaves)
+    torch.testing.assert_close(grads[0], gh)
+    torch.testing.assert_close(grads[1], gh)
+    for g in grads[2:]:
+        assert torch.equal(g, torch.zeros_like(g))
