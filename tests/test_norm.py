@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import pyperf
+import pyperf  # noqa: F401  (loads the ops)
 from pyperf import _reference as ref
 from pyperf import ops
 from pyperf.nn import FusedLayerNorm, FusedRMSNorm, replace_norms
