@@ -313,14 +313,15 @@ def test_nonfinite_comes_through(device, kind):
     assert torch.isnan(x.grad[2]).all() and not torch.isfinite(x.grad[1]).all()
 
 
-def test_deterministic_weight_grads():
-    x, r, w, b = _inputs("ln", 301, 257, torch.float32, "cpu")
+@pytest.mark.parametrize("device", devices())
+def test_deterministic_weight_grads(device):
+    x, r, w, b = _inputs("ln", 301, 257, torch.float32, device)
     dy = torch.randn_like(x)
     y, h, mean, rstd = ops.add_layer_norm(x, r, w, b, 1e-5)
     threads = torch.get_num_threads()
     outs = []
     try:
-        for n in (1, 2, 1):
+        for n in (1, 2, 1):  # on CUDA: three identical runs
             torch.set_num_threads(n)
             outs.append(ops._lib.add_layer_norm_backward(dy, None, h, w, b, mean, rstd, False))
     finally:
