@@ -439,6 +439,11 @@ def test_replace_norms_keeps_parameters():
     assert sd_before.keys() == model.state_dict().keys()
     assert isinstance(replace_norms(nn.LayerNorm(4)), FusedLayerNorm)
 
+    class MyNorm(nn.LayerNorm):  # a subclass may change forward: left alone
+        pass
+    m = nn.Sequential(MyNorm(4))
+    assert type(replace_norms(m)[0]) is MyNorm
+
 
 def test_compile_aot_eager():
     f = FusedLayerNorm(32)
