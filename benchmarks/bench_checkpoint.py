@@ -14,7 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from pyperf.bench import Case
-from pyperf.checkpoint import CheckpointedBlock, SavedTensorMeter, checkpoint_blocks
+from pyperf.checkpoint import SavedTensorMeter, checkpoint_blocks
 from pyperf.models import BlockStack, GPTConfig, fused_layers_available
 
 FULL = dict(d_model=2048, n_heads=16, n_layers=8, seq_len=2048, batch=8)      # the DESIGN.md reference point
