@@ -188,34 +188,34 @@ def test_gradcheck_float64(kind, save):
     assert torch.autograd.gradcheck(f_noaffine, (x,), eps=1e-6, atol=1e-5)
 
 
-def _opcheck_fwd_samples(device):
+def _opcheck_samples(device):
     out = []
-    for dtype in ([torch.float32, torch.bfloat16] + ([torch.float64] if device == "cpu" else [])):
-        for grad in (False, True):
-            x, r, w, b = _inputs("ln", 5, 67, dtype, device, away_from_zero=True)
-            x, r, w, b = (t.requires_grad_(grad) for t in (x, r, w, b))
-            out.append((x, r, w, b, dtype))
+    cases = [(torch.float32, True), (torch.bfloat16, False)] + ([(torch.float64, True)] if device == "cpu" else [])
+    for dtype, grad in cases:
+        x, r, w, b = _inputs("ln", 5, 67, dtype, device, away_from_zero=True)
+        out.append(tuple(t.requires_grad_(grad) for t in (x, r, w, b)))
     return out
 
 
 @pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
-    for x, r, w, b, dtype in _opcheck_fwd_samples(device):
+    for n, (x, r, w, b) in enumerate(_opcheck_samples(device)):
         for save in (False, True):
             torch.library.opcheck(torch.ops.pyperf.add_rms_norm, (x, r, w, 1e-5, save))
             torch.library.opcheck(torch.ops.pyperf.add_layer_norm, (x, r, w, b, 1e-5, save))
-        torch.library.opcheck(torch.ops.pyperf.add_rms_norm, (x, None, None, 1e-6))
-        torch.library.opcheck(torch.ops.pyperf.add_layer_norm, (x, None, w, None, 1e-6))
         with torch.no_grad():
             y, h, mean, rstd = ops.add_layer_norm(x, r, w, b, 1e-5)
             _, _, rrstd = ops.add_rms_norm(x, r, w, 1e-5)
         dy, dh = torch.randn_like(y), torch.randn_like(y)
-        for saved, out in ((h, False), (y, True)):
+        torch.library.opcheck(torch.ops.pyperf.add_layer_norm_backward,
+                              (dy, dh, h, w.detach(), b.detach(), mean, rstd, False))
+        torch.library.opcheck(torch.ops.pyperf.add_rms_norm_backward, (dy, dh, y, w.detach(), rrstd, True))
+        if n == 0:  # the optional arguments absent
+            torch.library.opcheck(torch.ops.pyperf.add_rms_norm, (x, None, None, 1e-6))
+            torch.library.opcheck(torch.ops.pyperf.add_layer_norm, (x, None, w, None, 1e-6))
             torch.library.opcheck(torch.ops.pyperf.add_layer_norm_backward,
-                                  (dy, dh, saved, w.detach(), b.detach(), mean, rstd, out))
-            torch.library.opcheck(torch.ops.pyperf.add_rms_norm_backward, (dy, dh, saved, w.detach(), rrstd, out))
-        torch.library.opcheck(torch.ops.pyperf.add_layer_norm_backward, (dy, None, h, None, None, None, rstd, True))
-        torch.library.opcheck(torch.ops.pyperf.add_rms_norm_backward, (dy, None, h, None, rrstd, False))
+                                  (dy, None, y, None, None, None, rstd, True))
+            torch.library.opcheck(torch.ops.pyperf.add_rms_norm_backward, (dy, None, h, None, rrstd, False))
 
 
 @pytest.mark.parametrize("device", devices())
