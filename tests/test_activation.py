@@ -18,7 +18,7 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16:
        torch.float64: (1e-10, 1e-10)}
 # 0-size, 1, primes, odd sizes, not a multiple of any vector width, more than one column block (4096) and
 # several row blocks (the bias-gradient partials).
-SHAPES = [(0, 8), (1, 1), (3, 7), (4, 64), (2, 3, 129), (5, 1031), (33, 4100)]
+SHAPES = [(0, 8), (1, 1), (3, 7), (4, 64), (2, 3, 129), (5, 1031), (17, 4100)]
 APPROX = ["tanh", "none"]
 GATED = ["silu", "gelu", "gelu_tanh"]
 GEN = torch.Generator().manual_seed(1234)
@@ -75,7 +75,7 @@ def test_bias_gelu(device, dtype, shape, approximate, with_bias):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_bias_dropout_residual(device, dtype, shape, p, with_bias):
     seed, offset = 0x1234_5678_9ABC_DEF0 + shape[-1], 17
