@@ -435,3 +435,27 @@ def test_torch_compile_inductor(policy, fused):
     if fused and not fused_layers_available():
         pytest.skip("pyperf.nn fused layers not in this build")
     _compiled_matches_eager(policy, fused, "inductor", 0.0)
+
+
+def test_benchmark_impls_agree(monkeypatch):
+    """benchmarks/bench_checkpoint.py: every impl of every case runs, measures, and computes the same gradients."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "bench_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "CPU", dict(d_model=32, n_heads=2, n_layers=3, seq_len=16, batch=2))
+    cases = bench.cases("cpu", None, quick=True)
+    assert len(cases) == (2 if fused_layers_available() else 1)
+    for case in cases:
+        inputs = case.setup()
+        grads, saved = {}, {}
+        for name, fn in case.impls.items():
+            fn(inputs)
+            grads[name] = inputs[0].grad.clone()
+            saved[name] = case.measure(name, inputs)["saved_mib"]
+        for name, g in grads.items():
+            assert torch.allclose(g, grads["torch none"], rtol=1e-5, atol=1e-6), (case.name, name)
+        assert saved["pyperf full"] == saved["torch checkpoint full"] < saved["pyperf selective"] < saved["torch none"]
+        assert saved["pyperf budget 50%"] <= 0.5 * saved["torch none"]
