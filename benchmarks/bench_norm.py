@@ -26,8 +26,8 @@ def _torch_fwd(kind, residual):
     return fn
 
 
-def _compiled_fwd(kind, residual):
-    key = (kind, residual)
+def _compiled_fwd(kind, residual, mode):
+    key = (kind, residual, mode)  # one compiled function per grad mode: no recompiles when switching
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(_torch_fwd(kind, residual), dynamic=False)
     return _COMPILED[key]
@@ -123,12 +123,12 @@ def cases(device="cuda", dtype=torch.bfloat16, quick=False):
                             "w": (mk(N) * 0.1 + 1).requires_grad_(True),
                             "b": (mk(N) * 0.1).requires_grad_(True) if kind == "ln" else None,
                             "dy": mk(M, N), "dh": mk(M, N)}
-                fwds = {"pyperf": _pyperf_fwd(kind, residual, "input"),
-                        "pyperf save=output": _pyperf_fwd(kind, residual, "output"),
-                        "torch": _torch_fwd(kind, residual),
-                        "torch.compile": _compiled_fwd(kind, residual)}
                 label = ("LayerNorm" if kind == "ln" else "RMSNorm") + ("+residual" if residual else "")
                 for mode in ("fwd", "bwd", "fwd+bwd"):
+                    fwds = {"pyperf": _pyperf_fwd(kind, residual, "input"),
+                            "pyperf save=output": _pyperf_fwd(kind, residual, "output"),
+                            "torch": _torch_fwd(kind, residual),
+                            "torch.compile": _compiled_fwd(kind, residual, mode)}
                     names = [n for n in fwds if mode == "fwd+bwd" or n != "pyperf save=output"]
                     out.append(Case(
                         group="layers",

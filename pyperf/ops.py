@@ -75,6 +75,8 @@ def _add_layer_norm_backward_fake(dy, dh, saved, weight, bias, mean, rstd, saved
 
 
 def _norm_saved(ctx, x, residual, y, h, save_output):
+    # An unused h (or y) output then arrives as None instead of a materialized M x N zero tensor.
+    ctx.set_materialize_grads(False)
     ctx.has_residual = residual is not None
     ctx.save_output = bool(save_output)
     if save_output:

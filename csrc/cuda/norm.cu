@@ -197,7 +197,8 @@ __global__ void __launch_bounds__(MAXT) add_norm_backward_kernel(
   constexpr bool KEEP = MAXT <= 256;
   constexpr int KIT = KEEP ? IT : 1;
   __shared__ float2 smem[32];
-  const int t = threadIdx.x;  // one row per block: blockDim.x == G
+  // R row groups per block (R = 256 / G for short rows, else 1)
+  const int R = blockDim.x / G, t = threadIdx.x % G, r = threadIdx.x / G;
   float dwa[IT][VEC], dba[IT][VEC];
 #pragma unroll
   for (int i = 0; i < IT; ++i)
@@ -206,17 +207,20 @@ __global__ void __launch_bounds__(MAXT) add_norm_backward_kernel(
   const float inv_n = N > 0 ? 1.f / static_cast<float>(N) : 0.f;
   const void* b_out = (from_output && !RMS) ? b : nullptr;  // the bias only matters to rebuild xhat from y
 
-  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {  // uniform per block: the syncs are safe
-    const int64_t base = row * N;
-    const float rs = rstd[row];
-    const float mu = (RMS || from_output) ? 0.f : mean[row];
+  // row0 is uniform per block, so the syncs in group_sum2 are safe
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * R; row0 < M; row0 += static_cast<int64_t>(gridDim.x) * R) {
+    const int64_t row = row0 + r;
+    const bool valid = row < M;
+    const int64_t base = valid ? row * N : 0;
+    const float rs = valid ? rstd[row] : 0.f;
+    const float mu = (RMS || from_output || !valid) ? 0.f : mean[row];
     float xh[KIT][VEC], g[KIT][VEC];
     float s1 = 0.f, s2 = 0.f;
 #pragma unroll
     for (int i = 0; i < IT; ++i) {
       const int col = (i * G + t) * VEC;
       const int k = KEEP ? i : 0;
-      if (col < N) {
+      if (valid && col < N) {
         float d[VEC];
         bwd_load<T, VEC, RMS>(dy, saved, w, b_out, affine_f32, from_output, base, col, mu, rs, xh[k], g[k], d);
 #pragma unroll
@@ -234,7 +238,7 @@ __global__ void __launch_bounds__(MAXT) add_norm_backward_kernel(
     for (int i = 0; i < IT; ++i) {
       const int col = (i * G + t) * VEC;
       const int k = KEEP ? i : 0;
-      if (col < N) {
+      if (valid && col < N) {
         if (!KEEP) {
           float d[VEC];
           bwd_load<T, VEC, RMS>(dy, saved, w, b_out, affine_f32, from_output, base, col, mu, rs, xh[k], g[k], d);
@@ -250,18 +254,43 @@ __global__ void __launch_bounds__(MAXT) add_norm_backward_kernel(
       }
     }
   }
+  if (R == 1) {
 #pragma unroll
-  for (int i = 0; i < IT; ++i) {
-    const int col = (i * G + t) * VEC;
-    if (col < N) {
-      float* pw = dw_part != nullptr ? dw_part + static_cast<int64_t>(blockIdx.x) * N + col : nullptr;
-      float* pb = db_part != nullptr ? db_part + static_cast<int64_t>(blockIdx.x) * N + col : nullptr;
+    for (int i = 0; i < IT; ++i) {
+      const int col = (i * G + t) * VEC;
+      if (col < N) {
+        float* pw = dw_part != nullptr ? dw_part + static_cast<int64_t>(blockIdx.x) * N + col : nullptr;
+        float* pb = db_part != nullptr ? db_part + static_cast<int64_t>(blockIdx.x) * N + col : nullptr;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        if (pw != nullptr) pw[j] = dwa[i][j];
-        if (!RMS && pb != nullptr) pb[j] = dba[i][j];
+        for (int j = 0; j < VEC; ++j) {
+          if (pw != nullptr) pw[j] = dwa[i][j];
+          if (!RMS && pb != nullptr) pb[j] = dba[i][j];
+        }
       }
     }
+    return;
+  }
+  // Several row groups: sum their partials in shared memory (fixed order) so each block writes one row.
+  // R * N <= 256 * 16 floats: the plan keeps at most 16 values per thread when R > 1.
+  __shared__ float red[KEEP ? 4096 : 1];
+  for (int which = 0; which < (RMS ? 1 : 2); ++which) {
+    float* part = which == 0 ? dw_part : db_part;
+    if (part == nullptr) continue;  // uniform
+#pragma unroll
+    for (int i = 0; i < IT; ++i) {
+      const int col = (i * G + t) * VEC;
+      if (col < N) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) red[r * N + col + j] = which == 0 ? dwa[i][j] : dba[i][j];
+      }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < N; c += blockDim.x) {
+      float acc = 0.f;
+      for (int q = 0; q < R; ++q) acc += red[q * N + c];
+      part[static_cast<int64_t>(blockIdx.x) * N + c] = acc;
+    }
+    __syncthreads();
   }
 }
 
@@ -416,33 +445,46 @@ void launch_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dh, const
                   aligned16(dxp);
   const BwdPlan p = plan_bwd(rows.N, sizeof(T), al);
   const int sms = sm_count(saved.get_device());
-  // Enough blocks to fill the GPU, but each walking several rows when there are many, so the partial
-  // dweight / dbias rows (P x N floats, written and read once more) stay small next to the data.
-  const int64_t occupancy = static_cast<int64_t>(sms) * std::min(2048 / p.G, 32);
-  const int64_t P = std::min<int64_t>(
-      rows.M, std::max<int64_t>(2 * sms, std::min<int64_t>(occupancy, (rows.M + 7) / 8)));
+  // Short rows: 256-thread blocks of R = 256 / G row groups; long rows: one row group of G threads per block.
+  const int threads = p.maxt == 256 ? 256 : p.G;
+  const int64_t R = threads / p.G;
   const bool want_dw = wp != nullptr, want_db = bp != nullptr;
-  at::Tensor dw_part, db_part;
-  if (want_dw) dw_part = at::empty({P, rows.N}, saved.options().dtype(at::kFloat));
-  if (want_db) db_part = at::empty({P, rows.N}, saved.options().dtype(at::kFloat));
-  float* dwp = want_dw ? dw_part.data_ptr<float>() : nullptr;
-  float* dbp = want_db ? db_part.data_ptr<float>() : nullptr;
   const float* mp = (norm::present(mean) && !RMS) ? mean->data_ptr<float>() : nullptr;
   const float* rp = rstd.data_ptr<float>();
   const int N = static_cast<int>(rows.N);
   auto stream = c10::cuda::getCurrentCUDAStream();
   constexpr int V = 16 / sizeof(T);
-#define PYPERF_NORM_BWD(VEC_, MAXE_, MAXT_)                                                                  \
-  add_norm_backward_kernel<T, VEC_, MAXE_, RMS, MAXT_><<<static_cast<unsigned>(P), p.G, 0, stream>>>(        \
-      dyp, dhp, sp, wp, bp, f32, mp, rp, saved_is_output, dxp, dwp, dbp, rows.M, N, p.G);                  \
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-#define PYPERF_NORM_BWD_VEC(VEC_)            \
-  if (p.maxt == 256) {                       \
-    PYPERF_NORM_BWD(VEC_, 16, 256)           \
-  } else if (p.maxt == 512) {                \
-    PYPERF_NORM_BWD(VEC_, 32, 512)           \
-  } else {                                   \
-    PYPERF_NORM_BWD(VEC_, 32, 1024)          \
+  auto run = [&](auto kernel) {
+    // One wave of resident blocks walking the rows with a grid stride: every block writes one partial
+    // dweight / dbias row, so P (and the extra P x N floats) is as small as a full GPU allows.
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+    const int64_t P = std::max<int64_t>(1, std::min<int64_t>((rows.M + R - 1) / R,
+                                                             static_cast<int64_t>(sms) * std::max(per_sm, 1)));
+    at::Tensor dw_part, db_part;
+    if (want_dw) dw_part = at::empty({P, rows.N}, saved.options().dtype(at::kFloat));
+    if (want_db) db_part = at::empty({P, rows.N}, saved.options().dtype(at::kFloat));
+    float* dwp = want_dw ? dw_part.data_ptr<float>() : nullptr;
+    float* dbp = want_db ? db_part.data_ptr<float>() : nullptr;
+    kernel<<<static_cast<unsigned>(P), threads, 0, stream>>>(dyp, dhp, sp, wp, bp, f32, mp, rp, saved_is_output,
+                                                              dxp, dwp, dbp, rows.M, N, p.G);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if ((want_dw || want_db) && rows.N > 0) {
+      at::Tensor& out0 = want_dw ? dweight : dbias;
+      const dim3 grid(static_cast<unsigned>((rows.N + 31) / 32), (want_dw && want_db) ? 2 : 1);
+      norm_affine_grad_kernel<T><<<grid, dim3(32, 8), 0, stream>>>(
+          want_dw ? dwp : dbp, out0.data_ptr(), dbp, want_db ? dbias.data_ptr() : nullptr, static_cast<int>(P), N,
+          out0.scalar_type() == c10::kFloat);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  };
+#define PYPERF_NORM_BWD_VEC(VEC_)                                  \
+  if (p.maxt == 256) {                                             \
+    run(add_norm_backward_kernel<T, VEC_, 16, RMS, 256>);          \
+  } else if (p.maxt == 512) {                                      \
+    run(add_norm_backward_kernel<T, VEC_, 32, RMS, 512>);          \
+  } else {                                                         \
+    run(add_norm_backward_kernel<T, VEC_, 32, RMS, 1024>);         \
   }
   if (p.vec > 1) {
     PYPERF_NORM_BWD_VEC(V)
@@ -450,15 +492,6 @@ void launch_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dh, const
     PYPERF_NORM_BWD_VEC(1)
   }
 #undef PYPERF_NORM_BWD_VEC
-#undef PYPERF_NORM_BWD
-  if ((want_dw || want_db) && rows.N > 0) {
-    at::Tensor& out0 = want_dw ? dweight : dbias;
-    const dim3 grid(static_cast<unsigned>((rows.N + 31) / 32), (want_dw && want_db) ? 2 : 1);
-    norm_affine_grad_kernel<T><<<grid, dim3(32, 8), 0, stream>>>(
-        want_dw ? dwp : dbp, out0.data_ptr(), dbp, want_db ? dbias.data_ptr() : nullptr, static_cast<int>(P), N,
-        out0.scalar_type() == c10::kFloat);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
 }
 
 template <typename F>
