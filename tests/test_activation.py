@@ -426,3 +426,34 @@ def test_errors():
         ops.geglu(x, approximate="fast")
     with pytest.raises(ValueError, match="seed"):
         ops.bias_dropout_residual(x, None, x, 0.1, 2**64, 0)
+
+
+def test_wrapper_and_registered_autograd_agree():
+    """ops.* take a lean autograd.Function path; torch.ops.pyperf.* the register_autograd one: same gradients."""
+    x, b, r = _d((6, 10)), _d((10,)), _d((6, 10))
+    L = torch.ops.pyperf
+    pairs = [
+        (lambda: ops.bias_gelu(x, b, "none"), lambda: L.bias_gelu(x, b, "none"), (x, b)),
+        (lambda: ops.bias_dropout_residual(x, b, r, 0.4, 9, 1), lambda: L.bias_dropout_residual(x, b, r, 0.4, 9, 1),
+         (x, b, r)),
+        (lambda: ops.swiglu(x), lambda: L.gated_act(x, None, "silu"), (x,)),
+        (lambda: ops.geglu(x, r), lambda: L.gated_act(x, r, "gelu_tanh"), (x, r)),
+    ]
+    for wrapped, registered, inputs in pairs:
+        ya, yb = wrapped(), registered()
+        assert torch.equal(ya, yb)
+        ga = torch.autograd.grad(ya.square().sum(), inputs)
+        gb = torch.autograd.grad(yb.square().sum(), inputs)
+        for u, v in zip(ga, gb):
+            assert torch.equal(u, v)
+
+
+def test_compile_keeps_the_seed_symbolic():
+    """A fresh seed per call must not recompile torch.compile'd code every step (seed/offset are SymInt)."""
+    import torch._dynamo.testing
+    x, r = torch.randn(4, 16), torch.randn(4, 16)
+    cnt = torch._dynamo.testing.CompileCounter()
+    f = torch.compile(lambda x, r, s: ops.bias_dropout_residual(x, None, r, 0.5, s, 0), backend=cnt)
+    for s in range(6):
+        assert torch.equal(f(x, r, 100 + s), ops.bias_dropout_residual(x, None, r, 0.5, 100 + s, 0))
+    assert cnt.frame_count <= 2   # the first (static) compile, then one dynamic one

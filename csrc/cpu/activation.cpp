@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "pyperf/activation.h"
@@ -242,13 +243,34 @@ inline void gated_bwd_tile(double* a, double* b, const double* g, int64_t n, Gat
   gated_bwd_tile_t(a, b, g, n, act);
 }
 
+// Staging between the tensors and the float tiles. bf16 <-> float get their own per-ISA loops (integer bit
+// operations, the same rounding as c10::BFloat16: nearest-even, nan -> 0x7fc0); other pairs a plain loop.
+PYPERF_CLONES void load_bf16(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = std::bit_cast<float>(static_cast<uint32_t>(src[j]) << 16);
+}
+PYPERF_CLONES void store_bf16(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t u = std::bit_cast<uint32_t>(src[j]);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    dst[j] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+  }
+}
+
 template <typename T, typename A>
 inline void load(const T* src, A* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<A>(src[j]);
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    load_bf16(reinterpret_cast<const uint16_t*>(src), dst, n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<A>(src[j]);
+  }
 }
 template <typename T, typename A>
 inline void store(const A* src, T* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    store_bf16(src, reinterpret_cast<uint16_t*>(dst), n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+  }
 }
 
 // The raw Philox draws of groups g0 .. g0+G-1 (4 per group): a loop over independent groups, so it vectorizes
@@ -356,8 +378,8 @@ at::Tensor bias_gelu_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>
         const int64_t n = std::min(kTile, c1 - c);
         if (bp) load(bp + c, bb, n); else std::fill(bb, bb + n, A(0));
         for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* xr = xp + r * hidden + c;
-          for (int64_t j = 0; j < n; ++j) v[j] = static_cast<A>(xr[j]) + bb[j];
+          load(xp + r * hidden + c, v, n);
+          for (int64_t j = 0; j < n; ++j) v[j] += bb[j];
           gelu_fwd_tile(v, n, tanh_approx);
           store(v, yp + r * hidden + c, n);
         }
@@ -397,8 +419,8 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
         A* acc = bias_grad ? partial.data() + rb * hidden + c : nullptr;
         if (acc) std::fill(acc, acc + n, A(0));
         for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* xr = xp + r * hidden + c;
-          for (int64_t j = 0; j < n; ++j) v[j] = static_cast<A>(xr[j]) + bb[j];
+          load(xp + r * hidden + c, v, n);
+          for (int64_t j = 0; j < n; ++j) v[j] += bb[j];
           load(gp + r * hidden + c, g, n);
           gelu_bwd_tile(v, g, n, tanh_approx);
           store(g, gxp + r * hidden + c, n);
@@ -414,12 +436,12 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
 // ---- bias + dropout + residual-add -------------------------------------------------------------------------
 
 at::Tensor bias_dropout_residual_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
-                                     const at::Tensor& residual_in, double p, int64_t seed, int64_t offset) {
+                                     const at::Tensor& residual_in, double p, c10::SymInt seed, c10::SymInt offset) {
   check_float_or_double(x_in, "x");
   check_bias(bias_in, x_in, "x");
   check_like(residual_in, x_in, "residual", "x");
   check_same_shape(residual_in, x_in, "residual", "x");
-  const DropoutParams d = make_dropout_params(p, seed, offset);
+  const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
   const at::Tensor x = x_in.contiguous(), res = residual_in.contiguous();
   const at::Tensor bias = has(bias_in) ? bias_in->contiguous() : at::Tensor();
   at::Tensor y = at::empty(x.sizes(), x.options());
@@ -433,26 +455,23 @@ at::Tensor bias_dropout_residual_cpu(const at::Tensor& x_in, const std::optional
     const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     for_each_tile(t, [&](int64_t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-      A bb[kTile];
+      A bb[kTile], vx[kTile], vr[kTile];
       float m[kTile];
       for (int64_t c = c0; c < c1; c += kTile) {
         const int64_t n = std::min(kTile, c1 - c);
         if (bp) load(bp + c, bb, n); else std::fill(bb, bb + n, A(0));
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t base = r * hidden + c;
-          const scalar_t* xr = xp + base;
-          const scalar_t* rr = rp + base;
-          scalar_t* yr = yp + base;
+          load(xp + base, vx, n);
+          load(rp + base, vr, n);
           if (identity) {
-            for (int64_t j = 0; j < n; ++j)
-              yr[j] = static_cast<scalar_t>(static_cast<A>(rr[j]) + (static_cast<A>(xr[j]) + bb[j]));
+            for (int64_t j = 0; j < n; ++j) vx[j] = vr[j] + (vx[j] + bb[j]);
           } else {
             dropout_scale_tile(d, static_cast<uint64_t>(base), m, n);
             // A plain multiply, like torch's dropout: a dropped inf/nan still turns into nan (never hidden).
-            for (int64_t j = 0; j < n; ++j)
-              yr[j] = static_cast<scalar_t>(static_cast<A>(rr[j]) +
-                                            (static_cast<A>(xr[j]) + bb[j]) * static_cast<A>(m[j]));
+            for (int64_t j = 0; j < n; ++j) vx[j] = vr[j] + (vx[j] + bb[j]) * static_cast<A>(m[j]);
           }
+          store(vx, yp + base, n);
         }
       }
     });
@@ -461,10 +480,10 @@ at::Tensor bias_dropout_residual_cpu(const at::Tensor& x_in, const std::optional
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_dropout_residual_backward_cpu(const at::Tensor& grad_in, double p,
-                                                                      int64_t seed, int64_t offset,
+                                                                      c10::SymInt seed, c10::SymInt offset,
                                                                       bool bias_grad) {
   check_float_or_double(grad_in, "grad");
-  const DropoutParams d = make_dropout_params(p, seed, offset);
+  const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor gx = at::empty(grad.sizes(), grad.options());
   const int64_t hidden = last_dim(grad);
