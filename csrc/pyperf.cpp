@@ -38,8 +38,37 @@ TORCH_LIBRARY(pyperf, m) {
         "int seed, int offset, Tensor(a!)? residual) -> Tensor");
 
   // ---- norm: residual-add + RMSNorm / LayerNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu) ----
+  // Forward: h = x + residual (when given), then normalize h over the last dim. y and h have x's dtype; the
+  // per-row statistics (shape x.shape[:-1]) are float32 (float64 for float64 x) and feed the backward. h is an
+  // empty tensor when residual is None. save_output only tells autograd which tensor backward keeps (the input
+  // stream h, or the output y); the kernels ignore it.
+  m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor? weight, float eps, bool save_output=False) "
+        "-> (Tensor y, Tensor h, Tensor rstd)");
+  m.def("add_layer_norm(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
+        "bool save_output=False) -> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
+  // Backward: `saved` is h (saved_is_output=False) or y (True; then xhat = (y - bias) / weight). dh is the
+  // incoming gradient of the h output (added to the result). dx is the gradient of h, i.e. of x and of residual
+  // alike; dweight / dbias are empty when weight / bias are None.
+  m.def("add_rms_norm_backward(Tensor dy, Tensor? dh, Tensor saved, Tensor? weight, Tensor rstd, "
+        "bool saved_is_output) -> (Tensor dx, Tensor dweight)");
+  m.def("add_layer_norm_backward(Tensor dy, Tensor? dh, Tensor saved, Tensor? weight, Tensor? bias, Tensor? mean, "
+        "Tensor rstd, bool saved_is_output) -> (Tensor dx, Tensor dweight, Tensor dbias)");
 
   // ---- activation: bias+GeLU, bias+dropout+residual, SwiGLU/GeGLU (csrc/cpu/activation.cpp, ...cuda) ----
+  // x [..., H], bias [H] or None; approximate "tanh" | "none" (like F.gelu). Math in fp32 (fp64 for fp64).
+  m.def("bias_gelu(Tensor x, Tensor? bias, str approximate) -> Tensor");
+  // -> (grad_x, grad_bias); grad_bias is empty [0] unless bias_grad. Recomputes gelu' from x and bias.
+  m.def("bias_gelu_backward(Tensor grad, Tensor x, Tensor? bias, str approximate, bool bias_grad) -> "
+        "(Tensor, Tensor)");
+  // residual + dropout(x + bias, p); the mask comes from Philox(seed, offset, flat index of x), never stored.
+  m.def("bias_dropout_residual(Tensor x, Tensor? bias, Tensor residual, float p, int seed, int offset) -> Tensor");
+  // -> (grad_x, grad_bias) from the regenerated mask; grad_residual is grad itself.
+  m.def("bias_dropout_residual_backward(Tensor grad, float p, int seed, int offset, bool bias_grad) -> "
+        "(Tensor, Tensor)");
+  // act(a) * b, activation "silu" | "gelu" | "gelu_tanh"; b None splits a in half on the last dim.
+  m.def("gated_act(Tensor a, Tensor? b, str activation) -> Tensor");
+  // -> (grad_a, grad_b); when b is None: (grad of the whole a [..., 2H], empty [0]).
+  m.def("gated_act_backward(Tensor grad, Tensor a, Tensor? b, str activation) -> (Tensor, Tensor)");
 
 }
 

@@ -35,6 +35,7 @@ def _per_elem_scale(wire, numel, block_size):
 # ---- layout ----
 
 def test_wire_bytes():
+    assert R._QMAX == ops.QUANT_QMAX
     assert ops.wire_bytes(0, "int8") == 0
     assert ops.wire_bytes(1, "int8", 32) == 4 + 32
     assert ops.wire_bytes(1000, "int8", 256) == 4 * 4 + 4 * 256

@@ -55,14 +55,24 @@ struct Decoder {
   }
 };
 
+// The scaled values of a block's payload into out[0, block_size): the padding decodes too (to 0 or NaN), so the
+// loops have no tail and vectorize.
 template <int F>
-inline uint32_t code_at(const uint8_t* payload, int64_t i) {
-  if constexpr (F == kInt4) return (payload[i >> 1] >> ((i & 1) * 4)) & 0xfu;
-  else return payload[i];
+inline void decode_block(const uint8_t* payload, int64_t block_size, float scale, const Decoder<F>& dec, float* out) {
+  if constexpr (F == kInt4) {
+    for (int64_t j = 0; j < block_size / 2; ++j) {
+      const uint32_t byte = payload[j];
+      out[2 * j] = mul_rn(dec(byte & 0xfu), scale);
+      out[2 * j + 1] = mul_rn(dec(byte >> 4), scale);
+    }
+  } else {
+    for (int64_t i = 0; i < block_size; ++i) out[i] = mul_rn(dec(payload[i]), scale);
+  }
 }
 
 // Quantizes the staged block v[0, block_size) (zeros beyond the n valid values) into its scale and payload;
 // with EF writes residual[0, n). `first` is the element index of v[0] (a multiple of 4: one Philox group per 4).
+// Separate simple passes (absmax, uniforms, encode, residual, pack) so each inner loop can vectorize.
 template <int F, bool SR, bool EF>
 void quantize_staged_block(const float* v, int64_t n, int64_t block_size, int64_t first, uint64_t seed,
                            uint64_t offset, uint8_t* scale_out, uint8_t* payload, float* residual,
@@ -80,25 +90,24 @@ void quantize_staged_block(const float* v, int64_t n, int64_t block_size, int64_
   std::memcpy(scale_out, &scale, sizeof(float));
   const float inv = inv_block_scale(scale);
 
-  uint32_t codes[4];
-  for (int64_t g = 0; g < block_size; g += 4) {
-    float u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if constexpr (SR) {
+  float u[SR ? kMaxBlock : 1];
+  if constexpr (SR) {
+    for (int64_t g = 0; g < block_size; g += 4) {
       Philox4 r = philox_group(seed, offset, static_cast<uint64_t>(first + g) >> 2);
-      for (int k = 0; k < 4; ++k) u[k] = philox_to_uniform(r.x[k]);
+      for (int k = 0; k < 4; ++k) u[g + k] = philox_to_uniform(r.x[k]);
     }
-    for (int k = 0; k < 4; ++k) codes[k] = encode<F>(v[g + k], inv, SR, u[k]);
-    if constexpr (EF) {
-      for (int k = 0; k < 4; ++k) {
-        if (g + k < n) residual[g + k] = ef_residual(v[g + k], mul_rn(dec(codes[k]), scale), scale);
-      }
-    }
-    if constexpr (F == kInt4) {
-      payload[g / 2] = pack_int4(codes[0], codes[1]);
-      payload[g / 2 + 1] = pack_int4(codes[2], codes[3]);
-    } else {
-      for (int k = 0; k < 4; ++k) payload[g + k] = static_cast<uint8_t>(codes[k]);
-    }
+  }
+  uint8_t codes[kMaxBlock];
+  for (int64_t i = 0; i < block_size; ++i) {
+    codes[i] = static_cast<uint8_t>(encode<F>(v[i], inv, SR, SR ? u[i] : 0.0f));
+  }
+  if constexpr (EF) {
+    for (int64_t i = 0; i < n; ++i) residual[i] = ef_residual(v[i], mul_rn(dec(codes[i]), scale), scale);
+  }
+  if constexpr (F == kInt4) {
+    for (int64_t j = 0; j < block_size / 2; ++j) payload[j] = pack_int4(codes[2 * j], codes[2 * j + 1]);
+  } else {
+    std::memcpy(payload, codes, static_cast<size_t>(block_size));
   }
 }
 
@@ -172,6 +181,7 @@ void dequantize_into_cpu(const at::Tensor& wire, int64_t numel, c10::string_view
       constexpr int F = decltype(F_)::value;
       const Decoder<F> dec;
       at::parallel_for(0, w.nblocks, grain_blocks(block_size), [&](int64_t b0, int64_t b1) {
+        float tmp[kMaxBlock];
         for (int64_t b = b0; b < b1; ++b) {
           float s;
           std::memcpy(&s, wp + 4 * b, sizeof(float));
@@ -179,12 +189,14 @@ void dequantize_into_cpu(const at::Tensor& wire, int64_t numel, c10::string_view
           const int64_t first = b * block_size;
           const int64_t n = std::min(block_size, numel - first);
           scalar_t* o = op + first;
-          for (int64_t i = 0; i < n; ++i) {
-            float val = mul_rn(dec(code_at<F>(payload, i)), s);
-            if (uscale != 1.0f) val = mul_rn(val, uscale);
-            if (accumulate) val = add_rn(static_cast<float>(o[i]), val);
-            o[i] = static_cast<scalar_t>(val);
+          decode_block<F>(payload, block_size, s, dec, tmp);
+          if (uscale != 1.0f) {
+            for (int64_t i = 0; i < n; ++i) tmp[i] = mul_rn(tmp[i], uscale);
           }
+          if (accumulate) {
+            for (int64_t i = 0; i < n; ++i) tmp[i] = add_rn(static_cast<float>(o[i]), tmp[i]);
+          }
+          for (int64_t i = 0; i < n; ++i) o[i] = static_cast<scalar_t>(tmp[i]);
         }
       });
     });
@@ -218,15 +230,17 @@ template <int F>
 inline void stage_sum(const uint8_t* wp, int64_t W, const WireLayout& w, int64_t b, int64_t n, float uscale,
                       const Decoder<F>& dec, float* v) {
   const int64_t bs = w.block_size;
+  float tmp[kMaxBlock];
   for (int64_t i = 0; i < bs; ++i) v[i] = 0.0f;
   for (int64_t r = 0; r < W; ++r) {
     const uint8_t* row = wp + r * w.bytes;
     float s;
     std::memcpy(&s, row + 4 * b, sizeof(float));
-    const uint8_t* payload = row + w.payload_offset + b * payload_bytes_per_block(w.fmt, bs);
-    for (int64_t i = 0; i < n; ++i) v[i] = add_rn(v[i], mul_rn(dec(code_at<F>(payload, i)), s));
+    decode_block<F>(row + w.payload_offset + b * payload_bytes_per_block(w.fmt, bs), bs, s, dec, tmp);
+    for (int64_t i = 0; i < bs; ++i) v[i] = add_rn(v[i], tmp[i]);
   }
   for (int64_t i = 0; i < n; ++i) v[i] = mul_rn(v[i], uscale);
+  for (int64_t i = n; i < bs; ++i) v[i] = 0.0f;  // padding is 0, even in a NaN block (as on CUDA)
 }
 
 at::Tensor reduce_quantized_cpu(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size,

@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Step time of the demo's DDP training step for each gradient hook across a rate-limited network.
+
+Compression only pays when the network is the bottleneck. Each rank runs in its own network namespace, joined to
+a bridge (in a namespace of its own) by a veth pair whose two ends are shaped with tc tbf to the link rate (both
+directions, like a full-duplex NIC). Gloo talks over those veth addresses (10.200.77.x, made here and nowhere
+else). For each rate the ranks train every hook in turn with the same seeds (examples/train_gpt_ddp.py --compare)
+and the median step time per hook is reported, with the speedup vs fp32 all-reduce (DDP's built-in), torch's
+fp16_compress_hook and PowerSGD.
+
+    sudo python3 benchmarks/netns_bandwidth.py                       # rates 1,2.5,5,10 Gbit/s + unlimited
+    sudo python3 benchmarks/netns_bandwidth.py --rates 1,10 --hooks torch-allreduce,int8 --json bw.json --plot bw.png
+
+Needs root and iproute2 (ip, tc with the tbf qdisc); without them it says so and exits 0. The namespaces are
+removed at exit (also on Ctrl-C).
+"""
+import argparse
+import atexit
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "examples", "train_gpt_ddp.py")
+SUBNET = "10.200.77"
+DEFAULT_HOOKS = "torch-allreduce,allreduce,bf16,fp16,int8,int4,fp8,torch-fp16,torch-powersgd"
+# The model: many parameters per token so that gradient traffic, not compute, dominates a 1 Gbit/s step.
+MODEL_ARGS = ["--d-model", "512", "--layers", "4", "--heads", "8", "--seq-len", "32", "--batch-size", "2",
+              "--data-bytes", str(2 << 20)]
+
+
+def _run(cmd, check=True):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError("%s failed (rc %d): %s" % (" ".join(cmd), r.returncode, (r.stderr or r.stdout).strip()))
+    return r
+
+
+def missing_requirements():
+    """None when the benchmark can run here, else why not."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "needs root (creates network namespaces, veth pairs and tc qdiscs)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return "needs iproute2 (`%s` not found): apt-get update && apt-get install -y iproute2" % tool
+    return None
+
+
+class Topology:
+    """world_size namespaces, each with one veth into a bridge namespace; every veth end shaped with tbf."""
+
+    def __init__(self, world_size, tag=None):
+        self.W = world_size
+        self.tag = tag or "pb%d" % (os.getpid() % 100000)
+        self.bridge_ns = "%s-br" % self.tag
+        self.namespaces = ["%s-r%d" % (self.tag, r) for r in range(world_size)]
+        self.rank_if = ["%sr%da" % (self.tag, r) for r in range(world_size)]   # inside rank r's namespace
+        self.br_if = ["%sr%db" % (self.tag, r) for r in range(world_size)]     # the bridge's end
+        self.addrs = ["%s.%d" % (SUBNET, r + 1) for r in range(world_size)]
+        self.up = False
+
+    def create(self):
+        if any(len(n) > 15 for n in self.rank_if + self.br_if):
+            raise ValueError("interface names too long; use a shorter tag")
+        self.up = True  # from here on, destroy() cleans whatever was made
+        _run(["ip", "netns", "add", self.bridge_ns])
+        _run(["ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge"])
+        _run(["ip", "-n", self.bridge_ns, "link", "set", "br0", "up"])
+        for r in range(self.W):
+            ns, a, b = self.namespaces[r], self.rank_if[r], self.br_if[r]
+            _run(["ip", "netns", "add", ns])
+            _run(["ip", "link", "add", a, "netns", ns, "type", "veth", "peer", "name", b, "netns", self.bridge_ns])
+            _run(["ip", "-n", ns, "addr", "add", "%s/24" % self.addrs[r], "dev", a])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _run(["ip", "-n", ns, "link", "set", a, "up"])
+            _run(["ip", "-n", self.bridge_ns, "link", "set", b, "master", "br0"])
+            _run(["ip", "-n", self.bridge_ns, "link", "set", b, "up"])
+        return self
+
+    def set_rate(self, gbit):
+        """Shape every veth end to `gbit` Gbit/s (None: remove the limit)."""
+        for r in range(self.W):
+            for ns, dev in ((self.namespaces[r], self.rank_if[r]), (self.bridge_ns, self.br_if[r])):
+                if gbit is None:
+                    _run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
+                    continue
+                rate_bps = gbit * 1e9
+                burst = max(64 * 1024, int(rate_bps / 8 * 0.002))  # ~2 ms of traffic, at least 64 kB
+                _run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
+                      "rate", "%dkbit" % int(rate_bps / 1e3), "burst", str(burst), "latency", "50ms"])
+
+    def exec_prefix(self, rank):
+        return ["ip", "netns", "exec", self.namespaces[rank]]
+
+    def destroy(self):
+        if not self.up:
+            return
+        for ns in self.namespaces + [self.bridge_ns]:
+            _run(["ip", "netns", "del", ns], check=False)  # deleting a namespace deletes its veth ends
+        self.up = False
+
+    def exists(self):
+        out = _run(["ip", "netns", "list"], check=False).stdout
+        names = {line.split()[0] for line in out.splitlines() if line.strip()}
+        return [ns for ns in self.namespaces + [self.bridge_ns] if ns in names]
+
+
+def run_rate(topo, hooks, steps, extra, port, timeout, log):
+    """Launch one process per rank (each inside its namespace) training every hook; returns rank 0's JSON."""
+    out = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+    png = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
+    procs = []
+    for r in range(topo.W):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(topo.W), LOCAL_RANK="0", MASTER_ADDR=topo.addrs[0],
+                   MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=topo.rank_if[r], OMP_NUM_THREADS="1")
+        cmd = topo.exec_prefix(r) + [sys.executable, DEMO, "--cpu", "--compare", "--hooks", ",".join(hooks),
+                                     "--steps", str(steps), "--threads", "1", "--quiet", "--json", out,
+                                     "--plot", png] + MODEL_ARGS + extra
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if r else log,
+                                      stderr=subprocess.STDOUT, text=True))
+    t0 = time.time()
+    try:
+        for p in procs:
+            p.wait(timeout=max(1, timeout - (time.time() - t0)))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise RuntimeError("ranks did not finish within %d s" % timeout)
+    bad = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+    if bad:
+        msg = procs[bad[0][0]].stdout.read() if bad[0][0] and procs[bad[0][0]].stdout else ""
+        raise RuntimeError("rank(s) failed: %s %s" % (bad, msg[-2000:]))
+    with open(out) as f:
+        doc = json.load(f)
+    os.unlink(out)
+    if os.path.exists(png):
+        os.unlink(png)
+    return doc
+
+
+def summarize(curve, hooks):
+    """Table rows: per rate, per hook: median step ms and speedups vs the baselines that ran."""
+    lines = []
+    base_names = [b for b in ("torch-allreduce", "torch-fp16", "torch-powersgd", "bf16") if b in hooks]
+    head = "%-10s %-16s %10s %12s" % ("link", "hook", "step ms", "MB/step") + "".join(
+        " %14s" % ("vs " + b) for b in base_names)
+    lines.append(head)
+    lines.append("-" * len(head))
+    for point in curve:
+        res = {r["hook"]: r for r in point["results"]}
+        for h in hooks:
+            if h not in res:
+                continue
+            r = res[h]
+            row = "%-10s %-16s %10.1f %12.2f" % (point["label"], h, r["median_step_s"] * 1e3,
+                                                 r["bytes_per_step"] / 1e6 if r["bytes_per_step"] == r["bytes_per_step"]
+                                                 else float("nan"))
+            for b in base_names:
+                row += " %13.2fx" % (res[b]["median_step_s"] / r["median_step_s"]) if b in res else " %14s" % "-"
+            lines.append(row)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(path, curve, hooks, meta):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    limited = [p for p in curve if p["gbit"] is not None]
+    xs = [p["gbit"] for p in limited]
+    for h in hooks:
+        ys = [next((r["median_step_s"] * 1e3 for r in p["results"] if r["hook"] == h), None) for p in limited]
+        style = "--" if h.startswith("torch") else "-"
+        ax1.plot(xs, ys, style, marker="o", label=h)
+        base = [next((r["median_step_s"] for r in p["results"] if r["hook"] == "torch-allreduce"), None)
+                for p in limited]
+        sp = [b / (y / 1e3) if b and y else None for b, y in zip(base, ys)]
+        ax2.plot(xs, sp, style, marker="o", label=h)
+    unl = [p for p in curve if p["gbit"] is None]
+    if unl:
+        ax1.text(0.02, 0.02, "unlimited veth: see the table/JSON", transform=ax1.transAxes, fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xlabel("link rate per rank (Gbit/s, tc tbf on veth)")
+        ax.grid(alpha=0.3, which="both")
+    ax1.set_ylabel("median step time (ms)")
+    ax1.set_yscale("log")
+    ax2.set_ylabel("speedup vs DDP fp32 all-reduce (x)")
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.legend(fontsize=7)
+    fig.suptitle("DDP step time vs link rate | %s" % meta, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rates", default="1,2.5,5,10,unlimited", help="Gbit/s per link, comma-separated "
+                   "('unlimited' = veth without tc)")
+    p.add_argument("--hooks", default=DEFAULT_HOOKS)
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="steps per hook (median of all but the first 2)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per rate")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    p.add_argument("--check", action="store_true", help="only build the topology, test it, tear it down")
+    args, extra = p.parse_known_args(argv)  # anything else goes to the demo (e.g. --d-model 256)
+    why = missing_requirements()
+    if why:
+        print("netns_bandwidth: skipped: %s" % why)
+        return 0
+    hooks = args.hooks.split(",")
+    rates = [None if r.strip() in ("unlimited", "none", "0") else float(r) for r in args.rates.split(",")]
+    topo = Topology(args.world_size)
+    atexit.register(topo.destroy)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(130))
+    try:
+        topo.create()
+    except Exception as e:
+        topo.destroy()
+        print("netns_bandwidth: skipped: could not build the namespaces (%s)" % e)
+        return 0
+    try:
+        if args.check:
+            print("topology up: %s" % ", ".join("%s=%s" % (n, a) for n, a in zip(topo.namespaces, topo.addrs)))
+            return 0
+        import platform
+        import torch
+        meta = "%d ranks, 1 CPU thread each, torch %s, %s" % (args.world_size, torch.__version__,
+                                                              time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        print("netns_bandwidth: %s, model %s, hooks %s" % (meta, " ".join(MODEL_ARGS + extra), ",".join(hooks)),
+              flush=True)
+        curve = []
+        for i, rate in enumerate(rates):
+            topo.set_rate(rate)
+            label = "%gG" % rate if rate is not None else "unlimited"
+            print("== link %s ==" % label, flush=True)
+            t0 = time.time()
+            doc = run_rate(topo, hooks, args.steps, extra, 29500 + i, args.timeout, sys.stdout)
+            curve.append({"gbit": rate, "label": label, "results": doc["results"], "wall_s": time.time() - t0})
+            print(summarize(curve[-1:], hooks), flush=True)
+        print("\nstep time vs link rate (median of steps after the first 2; speedup = baseline step / this step)")
+        print(summarize(curve, hooks))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "machine": platform.processor() or platform.machine(),
+                           "cpus": os.cpu_count(), "model_args": MODEL_ARGS + extra, "steps": args.steps,
+                           "curve": curve}, f, indent=1)
+            print("wrote", args.json)
+        if args.plot:
+            plot(args.plot, curve, hooks, meta)
+            print("wrote", args.plot)
+    finally:
+        topo.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+// pyperf's multi-tensor-apply launcher: one kernel launch walks a whole list of tensors.
+//
+// The list is cut into chunks of `chunk_size` elements; each CUDA block handles one (tensor, chunk). Tensor
+// pointers, sizes and a caller-defined int64 per tensor (`aux`, e.g. its offset in a flat buffer) travel BY VALUE
+// in the kernel arguments (no host->device copy, no sync), so a launch carries at most kMaxTensors tensors and
+// kMaxBlocks chunks; a longer list takes several launches (a tensor may straddle two, its slot is carried over).
+// Empty tensors are skipped. Launches go to the current stream and are checked. Blocks are numbered globally
+// across the launches of one call (first_block + blockIdx.x), in list order, so a reduction can store one partial
+// per chunk and combine them in a fixed order afterwards (deterministic).
+//
+// Written after reading the pattern of ATen's MultiTensorApply.cuh and apex's multi_tensor_apply.cuh.
+#pragma once
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace pyperf {
+namespace mta {
+
+constexpr int kThreads = 512;
+constexpr int64_t kChunkSize = 65536;
+// Kernel arguments are limited to 4 KiB on every toolkit and arch pyperf builds for; the limits below keep
+// ChunkArgs<DEPTH> plus a small functor under it (checked by a static_assert in the launcher).
+template <int DEPTH> struct Limits;
+template <> struct Limits<1> { static constexpr int kMaxTensors = 64, kMaxBlocks = 416; };
+template <> struct Limits<2> { static constexpr int kMaxTensors = 48, kMaxBlocks = 384; };
+template <> struct Limits<3> { static constexpr int kMaxTensors = 36, kMaxBlocks = 320; };
+
+template <int DEPTH>
+struct ChunkArgs {
+  static constexpr int kMaxTensors = Limits<DEPTH>::kMaxTensors;
+  static constexpr int kMaxBlocks = Limits<DEPTH>::kMaxBlocks;
+  void* ptr[DEPTH][kMaxTensors];   // DEPTH pointers per tensor (e.g. input and output of the same shape)
+  int64_t numel[kMaxTensors];
+  int64_t aux[kMaxTensors];        // the caller's value for each tensor
+  uint8_t block_tensor[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];
+  int64_t first_block;             // global number of this launch's block 0
+};
+
+// What a block sees: its tensor slot `t` (index into args arrays), element range [begin, end) of that tensor,
+// and its global chunk number.
+template <int DEPTH, typename Op>
+__global__ void __launch_bounds__(kThreads)
+    multi_tensor_apply_kernel(int64_t chunk_size, const __grid_constant__ ChunkArgs<DEPTH> args, Op op) {
+  const int t = args.block_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(args.block_chunk[blockIdx.x]) * chunk_size;
+  const int64_t n = args.numel[t];
+  const int64_t end = begin + chunk_size < n ? begin + chunk_size : n;
+  op(args, t, begin, end, args.first_block + blockIdx.x);
+}
+
+// Number of blocks (chunks) one multi_tensor_apply call over these sizes runs: the size of a per-chunk array.
+inline int64_t num_chunks(const std::vector<int64_t>& numels, int64_t chunk_size = kChunkSize) {
+  int64_t c = 0;
+  for (int64_t n : numels) c += (n + chunk_size - 1) / chunk_size;
+  return c;
+}
+
+// ptrs[i]: DEPTH pointers of tensor i; numels[i]: its size; aux[i]: the caller's value. Runs `op` (a
+// trivially copyable functor with `__device__ void operator()(const ChunkArgs<DEPTH>&, int t, int64_t begin,
+// int64_t end, int64_t block)`) over every chunk of every non-empty tensor on the current stream. Returns the
+// number of blocks run (== num_chunks(numels, chunk_size)).
+template <int DEPTH, typename Op>
+int64_t multi_tensor_apply(const std::vector<std::array<void*, DEPTH>>& ptrs, const std::vector<int64_t>& numels,
+                           const std::vector<int64_t>& aux, const Op& op, int64_t chunk_size = kChunkSize) {
+  using Args = ChunkArgs<DEPTH>;
+  static_assert(sizeof(Args) + sizeof(Op) + sizeof(int64_t) <= 4096, "kernel arguments exceed 4 KiB");
+  TORCH_CHECK(ptrs.size() == numels.size() && aux.size() == numels.size(),
+              "multi_tensor_apply: ptrs, numels and aux must have one entry per tensor");
+  TORCH_CHECK(chunk_size > 0 && chunk_size % 16 == 0, "multi_tensor_apply: chunk_size must be a positive multiple "
+              "of 16, got ", chunk_size);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Args args;
+  std::memset(&args, 0, sizeof(args));
+  int nt = 0, nb = 0;
+  int64_t launched = 0;
+  auto launch = [&]() {
+    args.first_block = launched;
+    multi_tensor_apply_kernel<DEPTH, Op><<<nb, kThreads, 0, stream>>>(chunk_size, args, op);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launched += nb;
+    nb = 0;
+  };
+  for (size_t i = 0; i < numels.size(); ++i) {
+    const int64_t n = numels[i];
+    if (n == 0) continue;
+    for (int d = 0; d < DEPTH; ++d) args.ptr[d][nt] = ptrs[i][d];
+    args.numel[nt] = n;
+    args.aux[nt] = aux[i];
+    ++nt;
+    const int64_t chunks = (n + chunk_size - 1) / chunk_size;
+    TORCH_CHECK(chunks <= INT32_MAX, "multi_tensor_apply: tensor ", i, " has too many chunks (", chunks, ")");
+    for (int64_t c = 0; c < chunks; ++c) {
+      args.block_tensor[nb] = static_cast<uint8_t>(nt - 1);
+      args.block_chunk[nb] = static_cast<int32_t>(c);
+      ++nb;
+      const bool last_chunk = c == chunks - 1;
+      if (nb == Args::kMaxBlocks || (nt == Args::kMaxTensors && last_chunk)) {
+        launch();
+        if (last_chunk) {
+          nt = 0;
+        } else {  // the tensor goes on in the next launch: carry its slot over as slot 0
+          for (int d = 0; d < DEPTH; ++d) args.ptr[d][0] = args.ptr[d][nt - 1];
+          args.numel[0] = args.numel[nt - 1];
+          args.aux[0] = args.aux[nt - 1];
+          nt = 1;
+        }
+      }
+    }
+  }
+  if (nb > 0) launch();
+  return launched;
+}
+
+}  // namespace mta
+}  // namespace pyperf
