@@ -119,6 +119,11 @@ def _rank_main(rank, W, nbytes, impls, iters, out_dir):
     bucket = FakeBucket(_shapes(nbytes), seed=rank)
     res = {}
     for name in impls:
+        if name == "torch quantization_pertensor_hook" and dist.get_backend() == "gloo":
+            # it indexes the all_gather future's value as NCCL nests it; Gloo's is flat -> IndexError in its
+            # callback (torch 2.14.1), which also leaves the process group unusable: not run on Gloo
+            res[name] = {"error": "fails on Gloo (IndexError in torch's quantize_and_allgather callback)"}
+            continue
         if name.startswith("pyperf "):
             kind = name.split()[1]
             state = hooks.HookState(kind, None, bucket.params, stats_every=0)
@@ -240,7 +245,7 @@ def cases(device, dtype, quick):
 
             def measure(impl, inputs, W=W, nbytes=nbytes, cache=cache, impls=impls, quick=quick):
                 if not cache:
-                    cache.update(measure_all(W, nbytes, impls, 3 if quick else 7))
+                    cache.update(measure_all(W, nbytes, impls, 3 if quick else 5))
                 return cache.get(impl, {})
 
             n = sum(torch.Size(s).numel() for s in shapes)
@@ -265,7 +270,7 @@ if __name__ == "__main__":
     quick = "--quick" in sys.argv
     for c in cases("cpu", torch.float32, quick):
         print(c.name)
-        res = measure_all(c.extra["world_size"], c.extra["numel"] * 4, c.impls, 3 if quick else 7)
+        res = measure_all(c.extra["world_size"], c.extra["numel"] * 4, c.impls, 3 if quick else 5)
         for name, m in res.items():
             if "error" in m:
                 print("  %-36s failed: %s" % (name, m["error"]))

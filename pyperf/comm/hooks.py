@@ -152,6 +152,7 @@ class HookState:
         self.iter = 0
         self.stats = HookStats()
         self._plans: Dict[tuple, _Plan] = {}
+        self._used_plans = set()       # plans of the current step; the others (DDP's old layout) are dropped
         self._in_step = False
         self._step_nonfinite: List[torch.Tensor] = []
         self._residual = None          # [G*B] fp32: client residual, every parameter padded to blocks, model order
@@ -182,6 +183,7 @@ class HookState:
         params = bucket.parameters()
         buf = bucket.buffer()
         key = (tuple(id(p) for p in params), buf.dtype, buf.device)
+        self._used_plans.add(key)
         plan = self._plans.get(key)
         if plan is None:
             for p in params:
@@ -208,6 +210,9 @@ class HookState:
             self._in_step = False
             self.iter += 1
             self.stats.steps += 1
+            if self._used_plans:
+                self._plans = {k: v for k, v in self._plans.items() if k in self._used_plans}
+                self._used_plans = set()
 
     def _settle(self):
         """Roll back the error feedback of a finished step whose gradients were not finite (GradScaler skips it)."""
