@@ -111,6 +111,10 @@ def _torch_bytes(name, bucket, W):
     return ring(elems, 4)
 
 
+_KEEP = []   # hook states and futures outlive the process group: torch's PowerSGD callbacks hold its state (and so
+             # the group); freed on a Gloo worker thread, the group's destructor would join that very thread
+
+
 def _rank_main(rank, W, nbytes, impls, iters, out_dir):
     import json
 
@@ -136,14 +140,17 @@ def _rank_main(rank, W, nbytes, impls, iters, out_dir):
                 bucket.reset()
                 dist.barrier()
                 t0 = time.perf_counter()
-                fn(state, bucket).wait()
+                fut = fn(state, bucket)
+                fut.wait()
                 dt = time.perf_counter() - t0
+                _KEEP.append(fut)
                 if it >= 3:
                     times.append(dt)
         except Exception as e:      # e.g. torch's quantization_pertensor_hook fails on torch 2.14 (see notes)
             res[name] = {"error": "%s: %s" % (type(e).__name__, str(e).strip().splitlines()[-1][:160])}
             dist.barrier()
             continue
+        _KEEP.append(state)
         t = torch.tensor(sorted(times)[len(times) // 2], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if name.startswith("pyperf "):
