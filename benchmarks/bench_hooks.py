@@ -201,36 +201,47 @@ def _local_impls(W):
             return red
         return fn
 
+    # never scale the inputs in place: repeated calls would decay them into denormals
     def cast(dtype):
         def fn(inp):
             buf, _ = inp
             c = torch.empty(buf.shape, dtype=dtype)
-            torch.mul(buf, 1.0 / W, out=c)
-            buf.copy_(c)
+            torch.mul(buf, 1.0 / W, out=c)          # pyperf: scale and cast in one pass
+            return c.float()
         return fn
 
     def torch_cast(dtype):
         def fn(inp):
             buf, _ = inp
-            c = buf.to(dtype).div_(W)
-            buf.copy_(c)
+            return buf.to(dtype).div_(W).float()     # torch's *_compress_hook: cast, then scale
         return fn
 
     def torch_pertensor(inp):
         buf, _ = inp
-        mn, mx = buf.min(), buf.max()
-        scale = (mx - mn) / 255
-        q = torch.quantize_per_tensor(buf, float(scale), int(-mn / scale), torch.quint8)
-        buf.copy_(q.dequantize())
+        mn, mx = float(buf.min()), float(buf.max())
+        scale = max((mx - mn) / 255, 1e-12)
+        q = torch.quantize_per_tensor(buf, scale, int(round(-mn / scale)), torch.quint8)
+        return q.dequantize()
+
+    def powersgd(inp):
+        _, grads = inp
+        for g in grads:                               # rank-4 P = M Q, orthogonalize, Q = M^T P, M ~ P Q^T
+            if g.dim() < 2:
+                continue
+            m = g.view(g.shape[0], -1)
+            q = torch.randn(m.shape[1], 4)
+            p = torch.linalg.qr(m @ q).Q
+            q = m.t() @ p
+            torch.mm(p, q.t())
 
     impls = {"pyperf int8": quant("int8"), "pyperf int4": quant("int4"), "pyperf fp8": quant("fp8_e4m3"),
              "pyperf bf16": cast(torch.bfloat16), "pyperf fp16": cast(torch.float16),
-             "pyperf allreduce": lambda inp: inp[0].mul_(1.0 / W),
-             "torch allreduce_hook": lambda inp: inp[0].div_(W),
+             "pyperf allreduce": lambda inp: torch.mul(inp[0], 1.0 / W),
+             "torch allreduce_hook": lambda inp: inp[0].div(W),
              "torch fp16_compress_hook": torch_cast(torch.float16),
              "torch bf16_compress_hook": torch_cast(torch.bfloat16),
              "torch quantization_pertensor_hook": torch_pertensor,
-             "torch powerSGD_rank4": lambda inp: None}
+             "torch powerSGD_rank4": powersgd}
     return impls
 
 
