@@ -248,7 +248,7 @@ def test_error_feedback_and_gradscaler_2_ranks():
     run_ranks(_run_all, 2, [_body_ef, _body_scaler])
 
 
-# ---- checkpoint / resume, layout independence ------------------------------------------------------------------------
+# ---- checkpoint / resume, layout independence --------------------------------------------------------------------
 def _train(kind, rank, steps, cap, hook_kw, start=0, ckpt=None, save_at=None):
     from pyperf import hooks
     ddp = DDP(_model(), bucket_cap_mb=cap)
@@ -297,7 +297,7 @@ def test_resume_bit_identical_and_layout_independent_4_ranks():
     run_ranks(_body_resume_layout, 4, RESUME_CONFIGS[:1])
 
 
-# ---- convergence ------------------------------------------------------------------------------------------------------
+# ---- convergence --------------------------------------------------------------------------------------------------
 def _body_converge(rank, W, out):
     from pyperf import hooks
     g = torch.Generator().manual_seed(123)

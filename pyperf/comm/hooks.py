@@ -13,19 +13,17 @@ Why the quantized hook looks the way it does:
 - GradScaler: a non-finite gradient comes out non-finite (the step is skipped by the scaler); the residuals are
   rolled back to their value before that step when the next step starts (skip_nonfinite=True).
 """
-import math
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
-from pyperf.comm.quantized import FORMATS, TwoShot, _all_gather, _q, check_format, mix_seed
+from pyperf.comm.quantized import TwoShot, _all_gather, _q, check_format, mix_seed
 
 KINDS = ("allreduce", "bf16", "fp16", "int8", "int4", "fp8", "fp8_e4m3", "fp8_e5m2")
 _QUANT_FMT = {"int8": "int8", "int4": "int4", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
-_STEP_STRIDE = 1 << 36          # Philox counter space per step (elements per rank row are far fewer)
 
 
 def _ring_bytes(numel, elem, world_size):
