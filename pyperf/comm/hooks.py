@@ -474,6 +474,10 @@ def quantized_hook(state: HookState, bucket):
         futs.append(gfut.then(unpack_big))
 
     _finish(state, bucket, t0)
+    if not futs:                       # a bucket of zero-size parameters
+        done = torch.futures.Future()
+        done.set_result(buf)
+        return done
     if len(futs) == 1:
         return futs[0]
     return torch.futures.collect_all(futs).then(lambda f: [x.value() for x in f.value()][0])
