@@ -4,7 +4,7 @@
 // quantize_kernel: a quant block is handled by L = min(32, block_size / VEC) lanes of one warp, each lane VEC
 // consecutive values per step (VEC = 4, or 8 for int4, so every lane stores exactly one 32-bit payload word: fully
 // coalesced), loaded with 8/16-byte vector loads. The absmax is reduced with warp shuffles, fused with the loads;
-// blocks up to 1024 values (512 for int4) stay in registers between the absmax and the encode pass, larger ones
+// blocks up to 1024 values stay in registers between the absmax and the encode pass, larger ones
 // are re-read (from L1/L2). The same kernel requantizes the reduce's sum (WireSumSrc).
 // dequantize_kernel / reduce_kernel: elementwise over VEC-value groups; the reduce keeps its fp32 sum over the W
 // chunks in registers and adds in rank order 0..W-1.
