@@ -55,6 +55,20 @@ TORCH_LIBRARY(pyperf, m) {
         "Tensor rstd, bool saved_is_output) -> (Tensor dx, Tensor dweight, Tensor dbias)");
 
   // ---- activation: bias+GeLU, bias+dropout+residual, SwiGLU/GeGLU (csrc/cpu/activation.cpp, ...cuda) ----
+  // x [..., H], bias [H] or None; approximate "tanh" | "none" (like F.gelu). Math in fp32 (fp64 for fp64).
+  m.def("bias_gelu(Tensor x, Tensor? bias, str approximate) -> Tensor");
+  // -> (grad_x, grad_bias); grad_bias is empty [0] unless bias_grad. Recomputes gelu' from x and bias.
+  m.def("bias_gelu_backward(Tensor grad, Tensor x, Tensor? bias, str approximate, bool bias_grad) -> "
+        "(Tensor, Tensor)");
+  // residual + dropout(x + bias, p); the mask comes from Philox(seed, offset, flat index of x), never stored.
+  m.def("bias_dropout_residual(Tensor x, Tensor? bias, Tensor residual, float p, int seed, int offset) -> Tensor");
+  // -> (grad_x, grad_bias) from the regenerated mask; grad_residual is grad itself.
+  m.def("bias_dropout_residual_backward(Tensor grad, float p, int seed, int offset, bool bias_grad) -> "
+        "(Tensor, Tensor)");
+  // act(a) * b, activation "silu" | "gelu" | "gelu_tanh"; b None splits a in half on the last dim.
+  m.def("gated_act(Tensor a, Tensor? b, str activation) -> Tensor");
+  // -> (grad_a, grad_b); when b is None: (grad of the whole a [..., 2H], empty [0]).
+  m.def("gated_act_backward(Tensor grad, Tensor a, Tensor? b, str activation) -> (Tensor, Tensor)");
 
 }
 

@@ -306,3 +306,83 @@ def add_layer_norm_backward(dy, dh, saved, weight, bias, mean, rstd, saved_is_ou
 
 # ---- activation ----------------------------------------------------------------------------------------------
 
+# Every activation reference computes in float32 (float64 for float64 inputs) and rounds once, like the kernels.
+
+def _acc(t):
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
+_GELU_APPROX = {"tanh": "tanh", "none": "none"}
+
+
+def bias_gelu(x, bias=None, approximate="tanh"):
+    """gelu(x + bias) over the last dim."""
+    v = _acc(x) + (_acc(bias) if bias is not None else 0)
+    return torch.nn.functional.gelu(v, approximate=_GELU_APPROX[approximate]).to(x.dtype)
+
+
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def philox_uniform(seed, offset, n, device="cpu"):
+    """The Philox4x32-10 uniforms of elements 0..n-1 under (seed, offset), in plain torch (the convention of
+    csrc/include/pyperf/philox.h: element i uses counter {i/4, (i/4)>>32, offset, offset>>32}, key {seed,
+    seed>>32}, lane i%4, uniform = (r >> 8) * 2^-24). int64 products wrap mod 2^64, so their bits are the uint64
+    products the kernels compute."""
+    seed &= _U64
+    offset &= _U64
+    groups = (n + 3) // 4
+    g = torch.arange(groups, dtype=torch.int64, device=device)
+    c0, c1 = g & _U32, (g >> 32) & _U32
+    c2 = torch.full_like(g, offset & _U32)
+    c3 = torch.full_like(g, offset >> 32)
+    k0, k1 = seed & _U32, seed >> 32
+    for _ in range(10):
+        p0 = c0 * 0xD2511F53
+        p1 = c2 * 0xCD9E8D57
+        hi0, lo0 = (p0 >> 32) & _U32, p0 & _U32
+        hi1, lo1 = (p1 >> 32) & _U32, p1 & _U32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _U32, (k1 + 0xBB67AE85) & _U32
+    r = torch.stack([c0, c1, c2, c3], dim=1).reshape(-1)[:n]
+    return (r >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def dropout_scale(p, seed, offset, shape, device="cpu"):
+    """The dropout multiplier of every element (float32): 1/(1-p) where kept (uniform >= p in float32), else 0."""
+    n = math.prod(shape)
+    u = philox_uniform(seed, offset, n, device).reshape(shape)
+    scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
+    keep = u >= torch.tensor(p, dtype=torch.float32)
+    return keep.to(torch.float32) * torch.tensor(scale, dtype=torch.float32)
+
+
+def bias_dropout_residual(x, bias, residual, p, seed, offset, training=True):
+    """residual + dropout(x + bias, p) with the Philox mask of (seed, offset); p == 0 or eval: residual + x + bias."""
+    v = _acc(x) + (_acc(bias) if bias is not None else 0)
+    if training and p > 0:
+        v = v * dropout_scale(p, seed, offset, x.shape, x.device).to(v.dtype)
+    return (_acc(residual) + v).to(x.dtype)
+
+
+_GATED = {
+    "silu": torch.nn.functional.silu,
+    "gelu": lambda v: torch.nn.functional.gelu(v, approximate="none"),
+    "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+}
+
+
+def gated_act(a, b=None, activation="silu"):
+    """act(a) * b; with b None, a is split in half on the last dim (first half gated, second half linear)."""
+    if b is None:
+        a, b = a.chunk(2, dim=-1)
+    return (_GATED[activation](_acc(a)) * _acc(b)).to(a.dtype)
+
+
+def swiglu(a, b=None):
+    return gated_act(a, b, "silu")
+
+
+def geglu(a, b=None, approximate="tanh"):
+    return gated_act(a, b, "gelu_tanh" if approximate == "tanh" else "gelu")
