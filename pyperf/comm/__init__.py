@@ -1,4 +1,7 @@
 """Gradient communication: bucketing (GradientBucketer), the two-shot quantized all-reduce, DDP hook states."""
 from pyperf.comm.bucketer import Compressor, GradientBucketer, available_compressions, register_compressor
 
-__all__ = ["GradientBucketer", "Compressor", "register_compressor", "available_compressions"]
+from pyperf.comm.quantized import QuantizedCompressor, quantized_all_reduce  # registers int8/int4/fp8 compression
+
+__all__ = ["GradientBucketer", "Compressor", "register_compressor", "available_compressions", "quantized_all_reduce",
+           "QuantizedCompressor"]
