@@ -244,10 +244,12 @@ def main(argv=None):
         for i, rate in enumerate(rates):
             topo.set_rate(rate)
             label = "%gG" % rate if rate is not None else "unlimited"
-            print("== link %s ==" % label, flush=True)
+            print("== link %s == (load average %.1f on %d CPUs: timings on a busy machine are noisy)"
+                  % (label, os.getloadavg()[0], os.cpu_count()), flush=True)
             t0 = time.time()
             doc = run_rate(topo, hooks, args.steps, extra, 29500 + i, args.timeout, sys.stdout)
-            curve.append({"gbit": rate, "label": label, "results": doc["results"], "wall_s": time.time() - t0})
+            curve.append({"gbit": rate, "label": label, "results": doc["results"], "wall_s": time.time() - t0,
+                          "loadavg_1m": os.getloadavg()[0]})
             print(summarize(curve[-1:], hooks), flush=True)
         print("\nstep time vs link rate (median of steps after the first 2; speedup = baseline step / this step)")
         print(summarize(curve, hooks))

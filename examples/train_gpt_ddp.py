@@ -425,11 +425,11 @@ def parse_args(argv=None):
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hook", default="allreduce", choices=HOOKS + TORCH_HOOKS,
                    help="gradient communication (pyperf.hooks kinds; torch-fp16/torch-powersgd are torch's own)")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="pyperf's fused norm/activation layers instead of torch.nn's")
     p.add_argument("--checkpoint", default="none", choices=["none", "selective", "full"],
                    help="activation checkpointing per block (pyperf.checkpoint)")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--world-size", type=int, default=2, help="ranks to spawn on CPU (ignored under torchrun)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per rank per step")
