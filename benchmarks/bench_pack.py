@@ -44,7 +44,7 @@ def _grad_set(shapes, device, dtype):
     def setup():
         ts = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
         _, total = ops.pack_layout([t.numel() for t in ts], 1)
-        flat = torch.empty(total, device=device, dtype=dtype)
+        flat = torch.randn(total, device=device, dtype=dtype)   # unpack reads it: no garbage/denormals
         views = [flat[o: o + t.numel()].view_as(t) for o, t in zip(ops.pack_layout([t.numel() for t in ts])[0], ts)]
         return dict(ts=ts, flat=flat, views=views)
     return setup

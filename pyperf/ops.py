@@ -39,14 +39,14 @@ def pack(tensors: Sequence[torch.Tensor], scale: float = 1.0, out_dtype: Optiona
     cast to `out_dtype` (default: the tensors' dtype; float32, bfloat16, float16 either way), in one launch.
 
     Offsets follow pack_layout(numels, align); padding is zero. With `out` (1-D, contiguous, at least `total`
-    elements, its dtype is the output dtype) writes out[:total] only and returns that view; otherwise returns a new
-    tensor of `total` elements."""
+    elements, its dtype is the output dtype) writes out[:total] only and returns `out` (like torch's out=);
+    otherwise returns a new tensor of `total` elements."""
     tensors = list(tensors)
     if out is not None:
         if out_dtype is not None and out.dtype != out_dtype:
             raise ValueError("out: expected dtype %s (out_dtype), got %s" % (out_dtype, out.dtype))
         _lib.pack_out(tensors, float(scale), align, out)
-        return out[: pack_layout([t.numel() for t in tensors], align)[1]]
+        return out
     if not tensors:
         pack_layout([], align)
         return torch.empty(0, dtype=out_dtype or torch.float32)

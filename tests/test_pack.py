@@ -94,7 +94,7 @@ def test_pack_out_poisoned(device, in_dtype, out_dtype, align):
     _, total = ops.pack_layout([t.numel() for t in ts], align)
     out = torch.full((total + 37,), float("nan"), dtype=out_dtype, device=device)
     got = ops.pack(ts, scale=0.5, align=align, out=out)
-    assert got.data_ptr() == out.data_ptr() and got.numel() == total
+    assert got is out
     _close(out[:total], ref.pack(ts, 0.5, out_dtype, align), device, out_dtype)
     assert torch.isnan(out[total:]).all(), "pack wrote beyond total"
 
@@ -133,7 +133,7 @@ def test_pack_empty(device):
     assert ops.pack([]).numel() == 0
     assert ops.pack([], out_dtype=torch.bfloat16).dtype == torch.bfloat16
     out = torch.full((4,), 5.0, device=device)
-    assert ops.pack([], out=out).numel() == 0 and torch.equal(out, torch.full((4,), 5.0, device=device))
+    assert ops.pack([], out=out) is out and torch.equal(out, torch.full((4,), 5.0, device=device))
     z = ops.pack([torch.empty(0, device=device), torch.empty(0, 3, device=device)], align=4)
     assert z.numel() == 0 and z.device.type == device
 
@@ -290,3 +290,34 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.pyperf.unpack.default, (flat.half(), [t.clone() for t in bf], 2.0, 4, True))
     torch.library.opcheck(torch.ops.pyperf.multi_tensor_l2norm.default, (ts,))
     torch.library.opcheck(torch.ops.pyperf.multi_tensor_l2norm.default, (bf,))
+
+
+# ---- casts: every 16-bit pattern, and floats around every rounding boundary ------------------------------------
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cast_every_16bit_pattern(device, dtype):
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).to(device)
+    h = bits.view(dtype)
+    got = ops.pack([h], out_dtype=torch.float32)
+    torch.testing.assert_close(got, h.float(), atol=0, rtol=0, equal_nan=True)
+    # and back: float32 -> 16 bit is exact for these values
+    back = ops.pack([got], out_dtype=dtype)
+    nan = torch.isnan(h)
+    assert torch.equal(back.view(torch.int16)[~nan], bits[~nan]) and torch.isnan(back[nan]).all()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cast_rounding_matches_torch(device, dtype):
+    g = _gen(5)
+    # random float32 bit patterns (all exponents: subnormal, overflow, ties), plus exact ties
+    x = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    ties = (torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).float()
+            .view(torch.int32) + (1 << (12 if dtype == torch.float16 else 15))).view(torch.float32)
+    x = torch.cat([x, ties, torch.tensor([65504.0, 65519.99, 65520.0, 6e-8, 3e-8, 2.9e-8, 1e-45, -0.0])]).to(device)
+    got = ops.pack([x], out_dtype=dtype)
+    want = x.to(dtype)
+    nan = torch.isnan(want)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    assert torch.isnan(got[nan]).all()

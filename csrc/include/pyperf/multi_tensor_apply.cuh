@@ -3,7 +3,8 @@
 // The list is cut into chunks of `chunk_size` elements; each CUDA block handles one (tensor, chunk). Tensor
 // pointers, sizes and a caller-defined int64 per tensor (`aux`, e.g. its offset in a flat buffer) travel BY VALUE
 // in the kernel arguments (no host->device copy, no sync), so a launch carries at most kMaxTensors tensors and
-// kMaxBlocks chunks; a longer list takes several launches (a tensor may straddle two, its slot is carried over).
+// kMaxBlocks chunks; a longer list takes several launches (a tensor may straddle two, its slot is carried over;
+// the plan is pyperf/mta_plan.h, tested on the host in csrc/test/test_mta_plan.cpp).
 // Empty tensors are skipped. Launches go to the current stream and are checked. Blocks are numbered globally
 // across the launches of one call (first_block + blockIdx.x), in list order, so a reduction can store one partial
 // per chunk and combine them in a fixed order afterwards (deterministic).
@@ -18,6 +19,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "pyperf/mta_plan.h"
 
 namespace pyperf {
 namespace mta {
@@ -38,6 +41,7 @@ struct ChunkArgs {
   void* ptr[DEPTH][kMaxTensors];   // DEPTH pointers per tensor (e.g. input and output of the same shape)
   int64_t numel[kMaxTensors];
   int64_t aux[kMaxTensors];        // the caller's value for each tensor
+  static_assert(kMaxTensors <= 256, "block_tensor is a uint8_t slot number");
   uint8_t block_tensor[kMaxBlocks];
   int32_t block_chunk[kMaxBlocks];
   int64_t first_block;             // global number of this launch's block 0
@@ -75,46 +79,31 @@ int64_t multi_tensor_apply(const std::vector<std::array<void*, DEPTH>>& ptrs, co
               "multi_tensor_apply: ptrs, numels and aux must have one entry per tensor");
   TORCH_CHECK(chunk_size > 0 && chunk_size % 16 == 0, "multi_tensor_apply: chunk_size must be a positive multiple "
               "of 16, got ", chunk_size);
+  for (int64_t n : numels) {
+    TORCH_CHECK((n + chunk_size - 1) / chunk_size <= INT32_MAX, "multi_tensor_apply: a tensor of ", n,
+                " elements has too many chunks");
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Args args;
   std::memset(&args, 0, sizeof(args));
-  int nt = 0, nb = 0;
   int64_t launched = 0;
-  auto launch = [&]() {
-    args.first_block = launched;
-    multi_tensor_apply_kernel<DEPTH, Op><<<nb, kThreads, 0, stream>>>(chunk_size, args, op);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launched += nb;
-    nb = 0;
-  };
-  for (size_t i = 0; i < numels.size(); ++i) {
-    const int64_t n = numels[i];
-    if (n == 0) continue;
-    for (int d = 0; d < DEPTH; ++d) args.ptr[d][nt] = ptrs[i][d];
-    args.numel[nt] = n;
-    args.aux[nt] = aux[i];
-    ++nt;
-    const int64_t chunks = (n + chunk_size - 1) / chunk_size;
-    TORCH_CHECK(chunks <= INT32_MAX, "multi_tensor_apply: tensor ", i, " has too many chunks (", chunks, ")");
-    for (int64_t c = 0; c < chunks; ++c) {
-      args.block_tensor[nb] = static_cast<uint8_t>(nt - 1);
-      args.block_chunk[nb] = static_cast<int32_t>(c);
-      ++nb;
-      const bool last_chunk = c == chunks - 1;
-      if (nb == Args::kMaxBlocks || (nt == Args::kMaxTensors && last_chunk)) {
-        launch();
-        if (last_chunk) {
-          nt = 0;
-        } else {  // the tensor goes on in the next launch: carry its slot over as slot 0
-          for (int d = 0; d < DEPTH; ++d) args.ptr[d][0] = args.ptr[d][nt - 1];
-          args.numel[0] = args.numel[nt - 1];
-          args.aux[0] = args.aux[nt - 1];
-          nt = 1;
-        }
-      }
-    }
-  }
-  if (nb > 0) launch();
+  plan_launches(
+      numels.data(), numels.size(), chunk_size, Args::kMaxTensors, Args::kMaxBlocks,
+      [&](int slot, size_t i) {
+        for (int d = 0; d < DEPTH; ++d) args.ptr[d][slot] = ptrs[i][d];
+        args.numel[slot] = numels[i];
+        args.aux[slot] = aux[i];
+      },
+      [&](int block, int slot, int64_t chunk) {
+        args.block_tensor[block] = static_cast<uint8_t>(slot);
+        args.block_chunk[block] = static_cast<int32_t>(chunk);
+      },
+      [&](int nblocks) {
+        args.first_block = launched;
+        multi_tensor_apply_kernel<DEPTH, Op><<<nblocks, kThreads, 0, stream>>>(chunk_size, args, op);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launched += nblocks;
+      });
   return launched;
 }
 
