@@ -157,6 +157,23 @@ def test_dequantize_into_poisoned_and_accumulate(device, fmt, out_dtype):
     assert torch.equal(out2d.reshape(-1).cpu(), R.dequantize(wire.cpu(), n, fmt, bs, out_dtype=out_dtype))
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_unaligned_views(device, fmt):
+    # views one element into their storage: the CUDA kernels must take their scalar (non-vector) path
+    n, bs = 1000, 32
+    for dtype in (torch.float32, torch.float16):
+        x = _randn(n + 1, dtype, device, seed=21)[1:]
+        r = (torch.randn(n + 1, device=device) * 0.1)[1:]
+        r_ref = r.cpu().clone()
+        wire = ops.quantize(x, fmt, bs, stochastic=True, seed=2, residual=r)
+        assert torch.equal(wire.cpu(), R.quantize(x.cpu(), fmt, bs, stochastic=True, seed=2, residual=r_ref))
+        assert torch.equal(r.cpu(), r_ref)
+        out = torch.full((n + 1,), float("nan"), dtype=dtype, device=device)[1:]
+        ops.dequantize(wire, n, fmt, bs, out=out)
+        assert torch.equal(out.cpu(), R.dequantize(wire.cpu(), n, fmt, bs, out_dtype=dtype))
+
+
 # ---- stochastic rounding ----
 
 @pytest.mark.parametrize("device", devices())

@@ -4,7 +4,7 @@
 // quantize_kernel: a quant block is handled by L = min(32, block_size / VEC) lanes of one warp, each lane VEC
 // consecutive values per step (VEC = 4, or 8 for int4, so every lane stores exactly one 32-bit payload word: fully
 // coalesced), loaded with 8/16-byte vector loads. The absmax is reduced with warp shuffles, fused with the loads;
-// blocks up to 1024 values (512 for int4) stay in registers between the absmax and the encode pass, larger ones
+// blocks up to 1024 values stay in registers between the absmax and the encode pass, larger ones
 // are re-read (from L1/L2). The same kernel requantizes the reduce's sum (WireSumSrc).
 // dequantize_kernel / reduce_kernel: elementwise over VEC-value groups; the reduce keeps its fp32 sum over the W
 // chunks in registers and adds in rank order 0..W-1.
@@ -187,7 +187,7 @@ __device__ __forceinline__ void encode_store(const QuantParams& p, int64_t i, co
   if (p.residual != nullptr) store_vec<float, VEC>(p.residual, i, p.numel, p.residual_aligned, res);
 }
 
-// CACHE > 0: up to CACHE steps per lane kept in registers between the two passes; 0: the values are re-read.
+// CACHE > 0: the CACHE (== p.iters) steps of a lane stay in registers between the two passes; 0: re-read.
 template <int F, int CACHE, typename Src>
 __global__ void __launch_bounds__(kThreads) quantize_kernel(Src src, QuantParams p) {
   constexpr int VEC = vec_of<F>();
@@ -207,11 +207,9 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(Src src, QuantParams
       if constexpr (CACHE > 0) {
 #pragma unroll
         for (int it = 0; it < CACHE; ++it) {
-          if (it < p.iters) {
-            load_v<VEC>(src, p, first + static_cast<int64_t>(it * p.lanes + sl) * VEC, cache[it]);
+          load_v<VEC>(src, p, first + static_cast<int64_t>(it * p.lanes + sl) * VEC, cache[it]);
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) amax = max(amax, abs_bits(cache[it][k]));
-          }
+          for (int k = 0; k < VEC; ++k) amax = max(amax, abs_bits(cache[it][k]));
         }
       } else {
         for (int it = 0; it < p.iters; ++it) {
@@ -230,9 +228,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(Src src, QuantParams
     if constexpr (CACHE > 0) {
 #pragma unroll
       for (int it = 0; it < CACHE; ++it) {
-        if (it < p.iters) {
-          encode_store<F, VEC>(p, first + static_cast<int64_t>(it * p.lanes + sl) * VEC, cache[it], scale, inv);
-        }
+        encode_store<F, VEC>(p, first + static_cast<int64_t>(it * p.lanes + sl) * VEC, cache[it], scale, inv);
       }
     } else {
       for (int it = 0; it < p.iters; ++it) {
@@ -260,7 +256,7 @@ int grid_for(int64_t work_items, int per_block) {
 template <int F, typename Src>
 void launch_quantize(const Src& src, QuantParams p) {
   constexpr int VEC = vec_of<F>();
-  constexpr int kCache = 32 / VEC;  // 32 cached values per lane
+  constexpr int kCache = 32 / VEC;  // at most 32 cached values per lane (8 steps of 4, 4 of 8)
   const int groups = p.block_size / VEC;
   p.lanes = std::min(32, groups);
   p.lanes_shift = log2_int(p.lanes);
@@ -269,12 +265,29 @@ void launch_quantize(const Src& src, QuantParams p) {
   const int64_t warps = (p.nblocks * p.lanes + 31) / 32;
   const int grid = grid_for(warps * 32, kThreads);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (p.iters <= kCache) {
-    quantize_kernel<F, kCache, Src><<<grid, kThreads, 0, stream>>>(src, p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
-    quantize_kernel<F, 0, Src><<<grid, kThreads, 0, stream>>>(src, p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The register cache is sized to the exact step count: a larger array would cost registers (occupancy) even
+  // when unused.
+  switch (p.iters) {
+    case 1:
+      quantize_kernel<F, 1, Src><<<grid, kThreads, 0, stream>>>(src, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      break;
+    case 2:
+      quantize_kernel<F, 2, Src><<<grid, kThreads, 0, stream>>>(src, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      break;
+    case 4:
+      quantize_kernel<F, 4, Src><<<grid, kThreads, 0, stream>>>(src, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      break;
+    default:
+      if (p.iters == kCache) {
+        quantize_kernel<F, kCache, Src><<<grid, kThreads, 0, stream>>>(src, p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        quantize_kernel<F, 0, Src><<<grid, kThreads, 0, stream>>>(src, p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
   }
 }
 
