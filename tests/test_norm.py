@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import pyperf
+import pyperf  # noqa: F401  (loads the ops)
 from pyperf import _reference as ref
 from pyperf import ops
 from pyperf.nn import FusedLayerNorm, FusedRMSNorm, replace_norms
@@ -188,34 +188,34 @@ def test_gradcheck_float64(kind, save):
     assert torch.autograd.gradcheck(f_noaffine, (x,), eps=1e-6, atol=1e-5)
 
 
-def _opcheck_fwd_samples(device):
+def _opcheck_samples(device):
     out = []
-    for dtype in ([torch.float32, torch.bfloat16] + ([torch.float64] if device == "cpu" else [])):
-        for grad in (False, True):
-            x, r, w, b = _inputs("ln", 5, 67, dtype, device, away_from_zero=True)
-            x, r, w, b = (t.requires_grad_(grad) for t in (x, r, w, b))
-            out.append((x, r, w, b, dtype))
+    cases = [(torch.float32, True), (torch.bfloat16, False)] + ([(torch.float64, True)] if device == "cpu" else [])
+    for dtype, grad in cases:
+        x, r, w, b = _inputs("ln", 5, 67, dtype, device, away_from_zero=True)
+        out.append(tuple(t.requires_grad_(grad) for t in (x, r, w, b)))
     return out
 
 
 @pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
-    for x, r, w, b, dtype in _opcheck_fwd_samples(device):
+    for n, (x, r, w, b) in enumerate(_opcheck_samples(device)):
         for save in (False, True):
             torch.library.opcheck(torch.ops.pyperf.add_rms_norm, (x, r, w, 1e-5, save))
             torch.library.opcheck(torch.ops.pyperf.add_layer_norm, (x, r, w, b, 1e-5, save))
-        torch.library.opcheck(torch.ops.pyperf.add_rms_norm, (x, None, None, 1e-6))
-        torch.library.opcheck(torch.ops.pyperf.add_layer_norm, (x, None, w, None, 1e-6))
         with torch.no_grad():
             y, h, mean, rstd = ops.add_layer_norm(x, r, w, b, 1e-5)
             _, _, rrstd = ops.add_rms_norm(x, r, w, 1e-5)
         dy, dh = torch.randn_like(y), torch.randn_like(y)
-        for saved, out in ((h, False), (y, True)):
+        torch.library.opcheck(torch.ops.pyperf.add_layer_norm_backward,
+                              (dy, dh, h, w.detach(), b.detach(), mean, rstd, False))
+        torch.library.opcheck(torch.ops.pyperf.add_rms_norm_backward, (dy, dh, y, w.detach(), rrstd, True))
+        if n == 0:  # the optional arguments absent
+            torch.library.opcheck(torch.ops.pyperf.add_rms_norm, (x, None, None, 1e-6))
+            torch.library.opcheck(torch.ops.pyperf.add_layer_norm, (x, None, w, None, 1e-6))
             torch.library.opcheck(torch.ops.pyperf.add_layer_norm_backward,
-                                  (dy, dh, saved, w.detach(), b.detach(), mean, rstd, out))
-            torch.library.opcheck(torch.ops.pyperf.add_rms_norm_backward, (dy, dh, saved, w.detach(), rrstd, out))
-        torch.library.opcheck(torch.ops.pyperf.add_layer_norm_backward, (dy, None, h, None, None, None, rstd, True))
-        torch.library.opcheck(torch.ops.pyperf.add_rms_norm_backward, (dy, None, h, None, rrstd, False))
+                                  (dy, None, y, None, None, None, rstd, True))
+            torch.library.opcheck(torch.ops.pyperf.add_rms_norm_backward, (dy, None, h, None, rrstd, False))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -239,6 +239,43 @@ def test_backward_ops_match_reference(device, kind):
             for g, c in zip(got, want):
                 assert g.dtype == c.dtype and g.shape == c.shape
                 assert _err(g, c) <= TOL[dtype] * 2, _err(g, c)
+
+
+def _misaligned(t):
+    """A contiguous copy of t whose data starts 1 element past an allocation (off the 16-byte boundary)."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    return out.copy_(t)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_misaligned_and_long_rows(device, kind):
+    """Contiguous views that start off a 16-byte boundary (the scalar CUDA path) and rows past 16384 (the
+    1024-thread CUDA path)."""
+    for N in ([1024, 20000, 32768] if device == "cuda" else [1024, 20000]):
+        x, r, w, b = _inputs(kind, 3, N, torch.bfloat16, device)
+        _check_against_reference(kind, x, r, w, b, 1e-5, "input", torch.bfloat16)
+        xs, dys = (_misaligned(t) for t in (x, torch.randn_like(x)))
+        assert xs.data_ptr() % 16 != 0 and xs.is_contiguous()
+        up = lambda t: None if t is None else t.double()  # noqa: E731
+        y, h = _run(kind, xs, r, w, b, 1e-5)
+        y_ref, h_ref = _run(kind, up(x), up(r), up(w), up(b), 1e-5, impl=ref)
+        assert _err(y, y_ref) <= TOL[torch.bfloat16]
+        hs = _misaligned(h)
+        if kind == "ln":
+            _, _, mean, rstd = ops.add_layer_norm(hs, None, w, b, 1e-5)
+            got = ops._lib.add_layer_norm_backward(dys, None, hs, w, b, mean, rstd, False)
+            want = ref.add_layer_norm_backward(up(dys), None, up(hs), up(w), up(b), mean.double(), rstd.double(),
+                                               False)
+        else:
+            _, _, rstd = ops.add_rms_norm(hs, None, w, 1e-5)
+            got = ops._lib.add_rms_norm_backward(dys, None, hs, w, rstd, False)
+            want = ref.add_rms_norm_backward(up(dys), None, up(hs), up(w), rstd.double(), False)
+        for g_, c_ in zip(got, want):
+            assert _err(g_, c_) <= 2 * TOL[torch.bfloat16]
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="rows of at most 32768"):
+            ops.add_rms_norm(torch.randn(2, 32769, device=device))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -276,14 +313,15 @@ def test_nonfinite_comes_through(device, kind):
     assert torch.isnan(x.grad[2]).all() and not torch.isfinite(x.grad[1]).all()
 
 
-def test_deterministic_weight_grads():
-    x, r, w, b = _inputs("ln", 301, 257, torch.float32, "cpu")
+@pytest.mark.parametrize("device", devices())
+def test_deterministic_weight_grads(device):
+    x, r, w, b = _inputs("ln", 301, 257, torch.float32, device)
     dy = torch.randn_like(x)
     y, h, mean, rstd = ops.add_layer_norm(x, r, w, b, 1e-5)
     threads = torch.get_num_threads()
     outs = []
     try:
-        for n in (1, 2, 1):
+        for n in (1, 2, 1):  # on CUDA: three identical runs
             torch.set_num_threads(n)
             outs.append(ops._lib.add_layer_norm_backward(dy, None, h, w, b, mean, rstd, False))
     finally:
@@ -401,6 +439,11 @@ def test_replace_norms_keeps_parameters():
     assert sd_before.keys() == model.state_dict().keys()
     assert isinstance(replace_norms(nn.LayerNorm(4)), FusedLayerNorm)
 
+    class MyNorm(nn.LayerNorm):  # a subclass may change forward: left alone
+        pass
+    m = nn.Sequential(MyNorm(4))
+    assert type(replace_norms(m)[0]) is MyNorm
+
 
 def test_compile_aot_eager():
     f = FusedLayerNorm(32)
@@ -439,3 +482,17 @@ def test_gpt2_drop_in(save):
     for (n, pb), (_, pf) in zip(base.named_parameters(), fused.named_parameters()):
         torch.testing.assert_close(pf.grad, pb.grad, atol=1e-4, rtol=1e-3, msg=n)
     assert base.state_dict().keys() == fused.state_dict().keys()
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+def test_only_residual_stream_used(kind):
+    """Gradient flowing only through h (y unused): dx = dresidual = dh, zero weight gradient."""
+    x, r, w, b = _inputs(kind, 4, 33, torch.float32, "cpu")
+    leaves = [t.requires_grad_(True) for t in (x, r, w, b) if t is not None]
+    _, h = _run(kind, x, r, w, b, 1e-5)
+    gh = torch.randn_like(h)
+    grads = torch.autograd.grad((h * gh).sum(), leaves)
+    torch.testing.assert_close(grads[0], gh)
+    torch.testing.assert_close(grads[1], gh)
+    for g in grads[2:]:
+        assert torch.equal(g, torch.zeros_like(g))

@@ -25,6 +25,12 @@ namespace {
 
 constexpr int kLanes = 16;
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PYPERF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PYPERF_CPU_CLONES
+#endif
+
 template <typename acc_t>
 acc_t sum_of(const acc_t* v, int64_t n) {
   acc_t part[kLanes] = {};
@@ -96,6 +102,71 @@ void store_affine_grad(const acc_t* g, at::Tensor& out) {
   }
 }
 
+template <typename scalar_t>
+struct FwdArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* xp;
+  const scalar_t* rp;
+  const acc_t* wp;
+  const acc_t* bp;
+  scalar_t* yp;
+  scalar_t* hp;
+  acc_t* mp;
+  acc_t* sp;
+  acc_t e;
+  int64_t N;
+};
+
+// Rows [begin, end) of the forward. Built twice (x86-64-v3: AVX2 + FMA, and the baseline) and picked at load
+// time, like ATen's own CPU kernels, so the float loops get 256-bit vectors where the CPU has them.
+template <typename scalar_t, bool RMS>
+PYPERF_CPU_CLONES void fwd_rows(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* xp = a.xp;
+  const scalar_t* rp = a.rp;
+  const acc_t* wp = a.wp;
+  const acc_t* bp = a.bp;
+  scalar_t* yp = a.yp;
+  scalar_t* hp = a.hp;
+  acc_t* mp = a.mp;
+  acc_t* sp = a.sp;
+  const acc_t e = a.e;
+  const int64_t N = a.N;
+  std::vector<acc_t> buf(N);
+  acc_t* v = buf.data();
+  for (int64_t row = begin; row < end; ++row) {
+    const scalar_t* xr = xp + row * N;
+    scalar_t* yr = yp + row * N;
+    if (rp) {
+      // Normalize the rounded h that is returned (and saved for backward), so forward and backward agree.
+      const scalar_t* rr = rp + row * N;
+      scalar_t* hr = hp + row * N;
+      for (int64_t j = 0; j < N; ++j) {
+        scalar_t s = static_cast<scalar_t>(static_cast<acc_t>(xr[j]) + static_cast<acc_t>(rr[j]));
+        hr[j] = s;
+        v[j] = static_cast<acc_t>(s);
+      }
+    } else {
+      for (int64_t j = 0; j < N; ++j) v[j] = static_cast<acc_t>(xr[j]);
+    }
+    acc_t mu = 0;
+    if (!RMS && N > 0) mu = sum_of(v, N) / static_cast<acc_t>(N);
+    const acc_t var = N > 0 ? sum_sq_dev(v, N, mu) / static_cast<acc_t>(N) : acc_t(0);
+    const acc_t rs = acc_t(1) / std::sqrt(var + e);
+    if (mp) mp[row] = mu;
+    sp[row] = rs;
+    if (wp && bp) {
+      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((v[j] - mu) * rs * wp[j] + bp[j]);
+    } else if (wp) {
+      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((v[j] - mu) * rs * wp[j]);
+    } else if (bp) {
+      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((v[j] - mu) * rs + bp[j]);
+    } else {
+      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((v[j] - mu) * rs);
+    }
+  }
+}
+
 template <typename scalar_t, bool RMS>
 void norm_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& weight,
               const c10::optional<at::Tensor>& bias, double eps, at::Tensor& y, at::Tensor& h, at::Tensor* mean,
@@ -116,41 +187,95 @@ void norm_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& residual, co
   const acc_t e = static_cast<acc_t>(eps);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
 
-  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(N);
-    acc_t* v = buf.data();
-    for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* xr = xp + row * N;
-      scalar_t* yr = yp + row * N;
-      if (rp) {
-        // Normalize the rounded h that is returned (and saved for backward), so forward and backward agree.
-        const scalar_t* rr = rp + row * N;
-        scalar_t* hr = hp + row * N;
+  const FwdArgs<scalar_t> args{xp, rp, wp, bp, yp, hp, mp, sp, e, N};
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) { fwd_rows<scalar_t, RMS>(args, begin, end); });
+}
+
+template <typename scalar_t>
+struct BwdArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* dyp;
+  const scalar_t* dhp;
+  const scalar_t* sp;
+  const acc_t* wp;
+  const acc_t* bp;
+  const acc_t* mup;
+  const acc_t* rsp;
+  scalar_t* dxp;
+  acc_t* dw_part;
+  acc_t* db_part;
+  acc_t inv_n;
+  int64_t M, N, G;
+  bool saved_is_output;
+};
+
+// Row groups [gbegin, gend) of the backward (built like fwd_rows).
+template <typename scalar_t, bool RMS>
+PYPERF_CPU_CLONES void bwd_groups(const BwdArgs<scalar_t>& a, int64_t gbegin, int64_t gend) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* dyp = a.dyp;
+  const scalar_t* dhp = a.dhp;
+  const scalar_t* sp = a.sp;
+  const acc_t* wp = a.wp;
+  const acc_t* bp = a.bp;
+  const acc_t* mup = a.mup;
+  const acc_t* rsp = a.rsp;
+  scalar_t* dxp = a.dxp;
+  const acc_t inv_n = a.inv_n;
+  const int64_t M = a.M, N = a.N, G = a.G;
+  const bool saved_is_output = a.saved_is_output;
+  const bool want_dw = a.dw_part != nullptr, want_db = a.db_part != nullptr;
+  std::vector<acc_t> xh_buf(N), g_buf(N);
+  acc_t* xh = xh_buf.data();
+  acc_t* g = g_buf.data();
+  for (int64_t grp = gbegin; grp < gend; ++grp) {
+    acc_t* dwp = want_dw ? a.dw_part + grp * N : nullptr;
+    acc_t* dbp = want_db ? a.db_part + grp * N : nullptr;
+    const int64_t r0 = grp * M / G, r1 = (grp + 1) * M / G;
+    for (int64_t row = r0; row < r1; ++row) {
+      const scalar_t* dyr = dyp + row * N;
+      const scalar_t* sr = sp + row * N;
+      const acc_t rs = rsp[row];
+      if (!saved_is_output) {
+        const acc_t mu = mup ? mup[row] : acc_t(0);
+        for (int64_t j = 0; j < N; ++j) xh[j] = (static_cast<acc_t>(sr[j]) - mu) * rs;
+      } else {
+        // y = xhat * w + b  =>  xhat = (y - b) / w  (w must have no zeros; see docs/norm.md).
+        const acc_t* bb = RMS ? nullptr : bp;
+        if (wp && bb) {
+          for (int64_t j = 0; j < N; ++j) xh[j] = (static_cast<acc_t>(sr[j]) - bb[j]) / wp[j];
+        } else if (wp) {
+          for (int64_t j = 0; j < N; ++j) xh[j] = static_cast<acc_t>(sr[j]) / wp[j];
+        } else if (bb) {
+          for (int64_t j = 0; j < N; ++j) xh[j] = static_cast<acc_t>(sr[j]) - bb[j];
+        } else {
+          for (int64_t j = 0; j < N; ++j) xh[j] = static_cast<acc_t>(sr[j]);
+        }
+      }
+      if (wp) {
         for (int64_t j = 0; j < N; ++j) {
-          scalar_t s = static_cast<scalar_t>(static_cast<acc_t>(xr[j]) + static_cast<acc_t>(rr[j]));
-          hr[j] = s;
-          v[j] = static_cast<acc_t>(s);
+          const acc_t d = static_cast<acc_t>(dyr[j]);
+          dwp[j] += d * xh[j];
+          g[j] = d * wp[j];
         }
       } else {
-        for (int64_t j = 0; j < N; ++j) v[j] = static_cast<acc_t>(xr[j]);
+        for (int64_t j = 0; j < N; ++j) g[j] = static_cast<acc_t>(dyr[j]);
       }
-      acc_t mu = 0;
-      if (!RMS && N > 0) mu = sum_of(v, N) / static_cast<acc_t>(N);
-      const acc_t var = N > 0 ? sum_sq_dev(v, N, mu) / static_cast<acc_t>(N) : acc_t(0);
-      const acc_t rs = acc_t(1) / std::sqrt(var + e);
-      if (mp) mp[row] = mu;
-      sp[row] = rs;
-      if (wp && bp) {
-        for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((v[j] - mu) * rs * wp[j] + bp[j]);
-      } else if (wp) {
-        for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((v[j] - mu) * rs * wp[j]);
-      } else if (bp) {
-        for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((v[j] - mu) * rs + bp[j]);
+      if (dbp) {
+        for (int64_t j = 0; j < N; ++j) dbp[j] += static_cast<acc_t>(dyr[j]);
+      }
+      const acc_t c1 = RMS ? acc_t(0) : sum_of(g, N) * inv_n;
+      const acc_t c2 = dot_of(g, xh, N) * inv_n;
+      scalar_t* dxr = dxp + row * N;
+      if (dhp) {
+        const scalar_t* dhr = dhp + row * N;
+        for (int64_t j = 0; j < N; ++j)
+          dxr[j] = static_cast<scalar_t>(rs * (g[j] - c1 - xh[j] * c2) + static_cast<acc_t>(dhr[j]));
       } else {
-        for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((v[j] - mu) * rs);
+        for (int64_t j = 0; j < N; ++j) dxr[j] = static_cast<scalar_t>(rs * (g[j] - c1 - xh[j] * c2));
       }
     }
-  });
+  }
 }
 
 template <typename scalar_t, bool RMS>
@@ -177,59 +302,9 @@ void norm_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dh, const a
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   const acc_t inv_n = N > 0 ? acc_t(1) / static_cast<acc_t>(N) : acc_t(0);
 
-  at::parallel_for(0, G, 1, [&](int64_t gbegin, int64_t gend) {
-    std::vector<acc_t> xh_buf(N), g_buf(N);
-    acc_t* xh = xh_buf.data();
-    acc_t* g = g_buf.data();
-    for (int64_t grp = gbegin; grp < gend; ++grp) {
-      acc_t* dwp = want_dw ? dw_part.data() + grp * N : nullptr;
-      acc_t* dbp = want_db ? db_part.data() + grp * N : nullptr;
-      const int64_t r0 = grp * M / G, r1 = (grp + 1) * M / G;
-      for (int64_t row = r0; row < r1; ++row) {
-        const scalar_t* dyr = dyp + row * N;
-        const scalar_t* sr = sp + row * N;
-        const acc_t rs = rsp[row];
-        if (!saved_is_output) {
-          const acc_t mu = mup ? mup[row] : acc_t(0);
-          for (int64_t j = 0; j < N; ++j) xh[j] = (static_cast<acc_t>(sr[j]) - mu) * rs;
-        } else {
-          // y = xhat * w + b  =>  xhat = (y - b) / w  (w must have no zeros; see docs/norm.md).
-          const acc_t* bb = RMS ? nullptr : bp;
-          if (wp && bb) {
-            for (int64_t j = 0; j < N; ++j) xh[j] = (static_cast<acc_t>(sr[j]) - bb[j]) / wp[j];
-          } else if (wp) {
-            for (int64_t j = 0; j < N; ++j) xh[j] = static_cast<acc_t>(sr[j]) / wp[j];
-          } else if (bb) {
-            for (int64_t j = 0; j < N; ++j) xh[j] = static_cast<acc_t>(sr[j]) - bb[j];
-          } else {
-            for (int64_t j = 0; j < N; ++j) xh[j] = static_cast<acc_t>(sr[j]);
-          }
-        }
-        if (wp) {
-          for (int64_t j = 0; j < N; ++j) {
-            const acc_t d = static_cast<acc_t>(dyr[j]);
-            dwp[j] += d * xh[j];
-            g[j] = d * wp[j];
-          }
-        } else {
-          for (int64_t j = 0; j < N; ++j) g[j] = static_cast<acc_t>(dyr[j]);
-        }
-        if (dbp) {
-          for (int64_t j = 0; j < N; ++j) dbp[j] += static_cast<acc_t>(dyr[j]);
-        }
-        const acc_t c1 = RMS ? acc_t(0) : sum_of(g, N) * inv_n;
-        const acc_t c2 = dot_of(g, xh, N) * inv_n;
-        scalar_t* dxr = dxp + row * N;
-        if (dhp) {
-          const scalar_t* dhr = dhp + row * N;
-          for (int64_t j = 0; j < N; ++j)
-            dxr[j] = static_cast<scalar_t>(rs * (g[j] - c1 - xh[j] * c2) + static_cast<acc_t>(dhr[j]));
-        } else {
-          for (int64_t j = 0; j < N; ++j) dxr[j] = static_cast<scalar_t>(rs * (g[j] - c1 - xh[j] * c2));
-        }
-      }
-    }
-  });
+  const BwdArgs<scalar_t> args{dyp, dhp, sp, wp, bp, mup, rsp, dxp, want_dw ? dw_part.data() : nullptr,
+                               want_db ? db_part.data() : nullptr, inv_n, M, N, G, saved_is_output};
+  at::parallel_for(0, G, 1, [&](int64_t gbegin, int64_t gend) { bwd_groups<scalar_t, RMS>(args, gbegin, gend); });
 
   auto finish = [&](std::vector<acc_t>& part, at::Tensor& out) {
     std::vector<acc_t> total(N, acc_t(0));

@@ -122,8 +122,14 @@ class FusedLayerNorm(_FusedNorm):
             **self.__dict__)
 
 
+def _is_torch_norm(m: nn.Module) -> bool:
+    # Exact types only: a subclass may override forward (and model-specific norms such as LlamaRMSNorm are
+    # different classes anyway), so swapping it could change the model.
+    return type(m) in (nn.LayerNorm, nn.RMSNorm)
+
+
 def _fused_from(m: nn.Module, save: str) -> nn.Module:
-    if isinstance(m, nn.LayerNorm):
+    if type(m) is nn.LayerNorm:
         new = FusedLayerNorm(m.normalized_shape, m.eps, m.elementwise_affine, bias=m.bias is not None,
                              device="meta", save=save)
         new.weight, new.bias = m.weight, m.bias
@@ -138,12 +144,13 @@ def replace_norms(model: nn.Module, save: str = "input") -> nn.Module:
     """Swaps every torch.nn.LayerNorm and torch.nn.RMSNorm in `model` (in place) for FusedLayerNorm /
     FusedRMSNorm and returns the model. The new modules take over the same Parameter objects, so an optimizer
     built before the swap keeps working and the state_dict is unchanged. A model that is itself a norm is
-    returned replaced."""
+    returned replaced. Only exact torch.nn.LayerNorm / RMSNorm instances are swapped (not subclasses, not
+    model-specific classes such as transformers' LlamaRMSNorm)."""
     _check_save(save)
-    if isinstance(model, (nn.LayerNorm, nn.RMSNorm)):
+    if _is_torch_norm(model):
         return _fused_from(model, save)
     for name, child in list(model.named_children()):
-        if isinstance(child, (nn.LayerNorm, nn.RMSNorm)):
+        if _is_torch_norm(child):
             setattr(model, name, _fused_from(child, save))
         else:
             replace_norms(child, save)

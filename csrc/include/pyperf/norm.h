@@ -51,6 +51,13 @@ inline void check_affine(const c10::optional<at::Tensor>& p, const at::Tensor& x
   check_contiguous(t, name);
 }
 
+inline void check_affine_pair(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+  if (weight.has_value() && weight->defined() && bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == weight->scalar_type(), "bias: expected the dtype of weight (",
+                weight->scalar_type(), "), got ", bias->scalar_type());
+  }
+}
+
 // A tensor of x's shape, dtype and device, contiguous (residual, dy, dh, saved).
 inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name, const char* x_name) {
   check_same_device(t, x, name, x_name);
@@ -75,6 +82,7 @@ inline Rows check_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& resi
   if (residual.has_value() && residual->defined()) check_like_x(*residual, x, "residual", "x");
   check_affine(weight, x, "weight");
   check_affine(bias, x, "bias");
+  check_affine_pair(weight, bias);
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps: expected a finite number >= 0, got ", eps);
   return rows_of(x);
 }
@@ -98,6 +106,7 @@ inline Rows check_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dh,
   if (dh.has_value() && dh->defined()) check_like_x(*dh, saved, "dh", "saved");
   check_affine(weight, saved, "weight");
   check_affine(bias, saved, "bias");
+  check_affine_pair(weight, bias);
   check_stat(rstd, saved, "rstd");
   if (layer_norm && !saved_is_output) {
     TORCH_CHECK(mean.has_value() && mean->defined(),
