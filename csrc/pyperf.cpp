@@ -61,9 +61,11 @@ TORCH_LIBRARY(pyperf, m) {
   m.def("bias_gelu_backward(Tensor grad, Tensor x, Tensor? bias, str approximate, bool bias_grad) -> "
         "(Tensor, Tensor)");
   // residual + dropout(x + bias, p); the mask comes from Philox(seed, offset, flat index of x), never stored.
-  m.def("bias_dropout_residual(Tensor x, Tensor? bias, Tensor residual, float p, int seed, int offset) -> Tensor");
+  // seed/offset are SymInt so torch.compile keeps a per-call seed symbolic instead of recompiling for each value.
+  m.def("bias_dropout_residual(Tensor x, Tensor? bias, Tensor residual, float p, SymInt seed, SymInt offset) "
+        "-> Tensor");
   // -> (grad_x, grad_bias) from the regenerated mask; grad_residual is grad itself.
-  m.def("bias_dropout_residual_backward(Tensor grad, float p, int seed, int offset, bool bias_grad) -> "
+  m.def("bias_dropout_residual_backward(Tensor grad, float p, SymInt seed, SymInt offset, bool bias_grad) -> "
         "(Tensor, Tensor)");
   // act(a) * b, activation "silu" | "gelu" | "gelu_tanh"; b None splits a in half on the last dim.
   m.def("gated_act(Tensor a, Tensor? b, str activation) -> Tensor");

@@ -390,10 +390,33 @@ def _fake_bias_grad(x, bias, bias_grad):
     return x.new_empty(bias.shape) if bias_grad else x.new_empty(0)
 
 
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fast_function(name, op, setup_context, backward):
+    """An autograd.Function running the same setup_context/backward as the op's register_autograd formula.
+    The wrappers below use it when a gradient is needed: torch's generic autograd kernel for custom ops re-reads
+    the op schema on every call (tens of microseconds, growing with the argument count), which would make small
+    shapes slower than eager. Calls through torch.ops.pyperf.* go through register_autograd and give the same
+    gradients."""
+    def forward(ctx, *args):
+        out = op(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    def bwd(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
+
+
 def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor] = None, approximate: str = "tanh") -> torch.Tensor:
     """gelu(x + bias), bias over the last dim (or None); approximate "tanh" or "none" as in F.gelu.
     Saves x and bias for backward (not x + bias, not the output)."""
-    return _lib.bias_gelu(x, bias, approximate)
+    if _needs_grad(x, bias):
+        return _BiasGeLUFn.apply(x, bias, approximate)
+    return _lib.bias_gelu.default(x, bias, approximate)
 
 
 @torch.library.register_fake("pyperf::bias_gelu")
@@ -422,6 +445,7 @@ def _bias_gelu_bwd(ctx, grad):
 
 
 torch.library.register_autograd("pyperf::bias_gelu", _bias_gelu_bwd, setup_context=_bias_gelu_setup)
+_BiasGeLUFn = _fast_function("_BiasGeLUFn", _lib.bias_gelu.default, _bias_gelu_setup, _bias_gelu_bwd)
 
 
 def bias_dropout_residual(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor, p: float,
@@ -432,8 +456,10 @@ def bias_dropout_residual(x: torch.Tensor, bias: Optional[torch.Tensor], residua
     p == 1 drops everything. Saves nothing but (p, seed, offset) for backward."""
     if not training:
         p = 0.0
-    return _lib.bias_dropout_residual(x, bias, residual, float(p), _as_int64(seed, "seed"),
-                                      _as_int64(offset, "offset"))
+    args = (x, bias, residual, float(p), _as_int64(seed, "seed"), _as_int64(offset, "offset"))
+    if _needs_grad(x, bias, residual):
+        return _BiasDropoutResidualFn.apply(*args)
+    return _lib.bias_dropout_residual.default(*args)
 
 
 @torch.library.register_fake("pyperf::bias_dropout_residual")
@@ -460,24 +486,28 @@ def _bdr_bwd(ctx, grad):
 
 
 torch.library.register_autograd("pyperf::bias_dropout_residual", _bdr_bwd, setup_context=_bdr_setup)
+_BiasDropoutResidualFn = _fast_function("_BiasDropoutResidualFn", _lib.bias_dropout_residual.default, _bdr_setup,
+                                        _bdr_bwd)
 
 
 def gated_act(a: torch.Tensor, b: Optional[torch.Tensor] = None, activation: str = "silu") -> torch.Tensor:
     """act(a) * b with activation "silu" | "gelu" | "gelu_tanh". b None: a is split in half on the last dim
     (a[..., :h] is gated, a[..., h:] is the linear half). Saves the inputs only."""
-    return _lib.gated_act(a, b, activation)
+    if _needs_grad(a, b):
+        return _GatedActFn.apply(a, b, activation)
+    return _lib.gated_act.default(a, b, activation)
 
 
 def swiglu(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu(a) * b; swiglu(x) splits x in half on the last dim."""
-    return _lib.gated_act(a, b, "silu")
+    return gated_act(a, b, "silu")
 
 
 def geglu(a: torch.Tensor, b: Optional[torch.Tensor] = None, approximate: str = "tanh") -> torch.Tensor:
     """gelu(a) * b (approximate "tanh" or "none"); geglu(x) splits x in half on the last dim."""
     if approximate not in _GELU_APPROX:
         raise ValueError('approximate: expected "tanh" or "none", got %r' % (approximate,))
-    return _lib.gated_act(a, b, "gelu_tanh" if approximate == "tanh" else "gelu")
+    return gated_act(a, b, "gelu_tanh" if approximate == "tanh" else "gelu")
 
 
 def _gated_out_shape(a, b):
@@ -511,3 +541,4 @@ def _gated_bwd(ctx, grad):
 
 
 torch.library.register_autograd("pyperf::gated_act", _gated_bwd, setup_context=_gated_setup)
+_GatedActFn = _fast_function("_GatedActFn", _lib.gated_act.default, _gated_setup, _gated_bwd)

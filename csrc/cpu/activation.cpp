@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "pyperf/activation.h"
@@ -27,21 +28,39 @@
 #define PYPERF_CLONES
 #endif
 
+#if defined(__GNUC__)
+#define PYPERF_MATH inline __attribute__((always_inline))  // the tile loops only vectorize with these inlined
+#else
+#define PYPERF_MATH inline
+#endif
+
 namespace pyperf {
 namespace {
 
 constexpr int64_t kTile = 256;  // elements staged per inner loop: a few float buffers stay in L1
 
 // ---- math --------------------------------------------------------------------------------------------------
-// float: branch-free (selects only) so loops over a tile vectorize; nan propagates through every step (the clamps
-// are written so a nan compares false and passes through). double: libm, for gradcheck.
+// float: branch-free so loops over a tile vectorize. double: libm, for gradcheck.
 
-inline float exp_f(float x) {
+// Clamp through the integer order of float bit patterns: integer min/max stay selects, where a float `x < lo ?`
+// gets turned into branches by GCC (PRE) and stops the vectorizer. A nan comes out as lo or hi: every caller
+// below also multiplies or divides by its own argument, so a nan input still gives a nan result; +-inf clamp
+// like huge finite values (gelu(inf) = inf).
+PYPERF_MATH int32_t ordered_key(int32_t b) { return b ^ ((b >> 31) & 0x7fffffff); }
+PYPERF_MATH float clamp_f(float x, float lo, float hi) {
+  const int32_t klo = ordered_key(std::bit_cast<int32_t>(lo)), khi = ordered_key(std::bit_cast<int32_t>(hi));
+  int32_t k = ordered_key(std::bit_cast<int32_t>(x));
+  k = k < klo ? klo : k;
+  k = k > khi ? khi : k;
+  return std::bit_cast<float>(ordered_key(k));
+}
+
+
+PYPERF_MATH float exp_f(float x) {
   // Cephes expf: exp(x) = 2^n * exp(r), |r| <= ln2/2; the clamp keeps 2^n a normal float (exp(-87.3) ~ 1e-38).
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
+  x = clamp_f(x, -87.3f, 88.3f);
   float fx = x * 1.44269504088896341f;
-  // Round to nearest through the 1.5*2^23 trick: no float->int conversion of a nan (UB), and it vectorizes.
+  // Round to nearest through the 1.5*2^23 trick (|fx| <= 128 after the clamp); it vectorizes.
   const float magic = 12582912.0f;
   float t = fx + magic;
   float n = t - magic;
@@ -61,7 +80,7 @@ inline float exp_f(float x) {
 
 // erfc with a relative error below 1.2e-7 everywhere (Numerical Recipes' Chebyshev fit "erfcc"): the GeLU
 // needs Phi(x) = erfc(-x/sqrt2)/2 accurate in relative terms for negative x, where 1 + erf(x) would cancel.
-inline float erfc_f(float x) {
+PYPERF_MATH float erfc_f(float x) {
   float z = std::fabs(x);
   float t = 1.0f / (1.0f + 0.5f * z);
   float p = 0.17087277f;
@@ -77,10 +96,10 @@ inline float erfc_f(float x) {
   return x >= 0.0f ? r : 2.0f - r;
 }
 
-inline float exp_of(float x) { return exp_f(x); }
-inline double exp_of(double x) { return std::exp(x); }
-inline float erfc_of(float x) { return erfc_f(x); }
-inline double erfc_of(double x) { return std::erfc(x); }
+PYPERF_MATH float exp_of(float x) { return exp_f(x); }
+PYPERF_MATH double exp_of(double x) { return std::exp(x); }
+PYPERF_MATH float erfc_of(float x) { return erfc_f(x); }
+PYPERF_MATH double erfc_of(double x) { return std::erfc(x); }
 
 template <typename A>
 struct K {
@@ -93,12 +112,12 @@ struct K {
 // gelu_tanh(x) = 0.5 x (1 + tanh(z)) = x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3): the sigmoid form has
 // no cancellation near 0 and needs one exp.
 template <typename A>
-inline A gelu_tanh_fwd(A x) {
+PYPERF_MATH A gelu_tanh_fwd(A x) {
   A z = K<A>::sqrt_2_over_pi * (x + K<A>::coef * x * x * x);
   return x / (A(1) + exp_of(A(-2) * z));
 }
 template <typename A>
-inline A gelu_tanh_bwd(A x) {
+PYPERF_MATH A gelu_tanh_bwd(A x) {
   A z = K<A>::sqrt_2_over_pi * (x + K<A>::coef * x * x * x);
   A s = A(1) / (A(1) + exp_of(A(-2) * z));  // = (1 + tanh z) / 2
   // d/dx = s + x * (1 - tanh^2 z)/2 * dz/dx, with (1 - tanh^2 z) = 4 s (1 - s).
@@ -106,19 +125,19 @@ inline A gelu_tanh_bwd(A x) {
 }
 // gelu(x) = x Phi(x), Phi(x) = erfc(-x / sqrt2) / 2; gelu'(x) = Phi(x) + x phi(x).
 template <typename A>
-inline A gelu_erf_fwd(A x) {
+PYPERF_MATH A gelu_erf_fwd(A x) {
   return A(0.5) * x * erfc_of(-x * K<A>::inv_sqrt2);
 }
 template <typename A>
-inline A gelu_erf_bwd(A x) {
+PYPERF_MATH A gelu_erf_bwd(A x) {
   return A(0.5) * erfc_of(-x * K<A>::inv_sqrt2) + x * K<A>::inv_sqrt_2pi * exp_of(A(-0.5) * x * x);
 }
 template <typename A>
-inline A silu_fwd(A x) {
+PYPERF_MATH A silu_fwd(A x) {
   return x / (A(1) + exp_of(-x));
 }
 template <typename A>
-inline A silu_bwd(A x) {
+PYPERF_MATH A silu_bwd(A x) {
   A s = A(1) / (A(1) + exp_of(-x));
   return s * (A(1) + x * (A(1) - s));
 }
@@ -126,7 +145,7 @@ inline A silu_bwd(A x) {
 // ---- tile loops (the hot loops; float versions are compiled per ISA) ---------------------------------------
 
 template <typename A>
-inline void gelu_fwd_tile_t(A* v, int64_t n, bool tanh_approx) {
+PYPERF_MATH void gelu_fwd_tile_t(A* v, int64_t n, bool tanh_approx) {
   if (tanh_approx) {
     for (int64_t j = 0; j < n; ++j) v[j] = gelu_tanh_fwd(v[j]);
   } else {
@@ -135,53 +154,66 @@ inline void gelu_fwd_tile_t(A* v, int64_t n, bool tanh_approx) {
 }
 // g[j] <- g[j] * gelu'(v[j])
 template <typename A>
-inline void gelu_bwd_tile_t(const A* v, A* g, int64_t n, bool tanh_approx) {
+PYPERF_MATH void gelu_bwd_tile_t(const A* v, A* g, int64_t n, bool tanh_approx) {
   if (tanh_approx) {
     for (int64_t j = 0; j < n; ++j) g[j] *= gelu_tanh_bwd(v[j]);
   } else {
     for (int64_t j = 0; j < n; ++j) g[j] *= gelu_erf_bwd(v[j]);
   }
 }
-// y[j] <- act(a[j]) * b[j]
-template <typename A>
-inline void gated_fwd_tile_t(const A* a, const A* b, A* y, int64_t n, GatedAct act) {
-  switch (act) {
-    case GatedAct::Silu:
-      for (int64_t j = 0; j < n; ++j) y[j] = silu_fwd(a[j]) * b[j];
-      break;
-    case GatedAct::Gelu:
-      for (int64_t j = 0; j < n; ++j) y[j] = gelu_erf_fwd(a[j]) * b[j];
-      break;
-    case GatedAct::GeluTanh:
-      for (int64_t j = 0; j < n; ++j) y[j] = gelu_tanh_fwd(a[j]) * b[j];
-      break;
+template <GatedAct ACT, typename A>
+PYPERF_MATH A gated_fwd_one(A x) {
+  if constexpr (ACT == GatedAct::Silu) return silu_fwd(x);
+  else if constexpr (ACT == GatedAct::Gelu) return gelu_erf_fwd(x);
+  else return gelu_tanh_fwd(x);
+}
+// act(x) and act'(x) together, sharing the one exp/erfc both need.
+template <GatedAct ACT, typename A>
+PYPERF_MATH void gated_both(A x, A& f, A& df) {
+  if constexpr (ACT == GatedAct::Silu) {
+    const A s = A(1) / (A(1) + exp_of(-x));
+    f = x * s;
+    df = s * (A(1) + x * (A(1) - s));
+  } else if constexpr (ACT == GatedAct::Gelu) {
+    const A phi_cdf = A(0.5) * erfc_of(-x * K<A>::inv_sqrt2);
+    f = x * phi_cdf;
+    df = phi_cdf + x * K<A>::inv_sqrt_2pi * exp_of(A(-0.5) * x * x);
+  } else {
+    const A z = K<A>::sqrt_2_over_pi * (x + K<A>::coef * x * x * x);
+    const A s = A(1) / (A(1) + exp_of(A(-2) * z));
+    f = x * s;
+    df = s + A(2) * x * s * (A(1) - s) * K<A>::sqrt_2_over_pi * (A(1) + A(3) * K<A>::coef * x * x);
   }
 }
-// a[j] <- g * b * act'(a), b[j] <- g * act(a)   (in place: a and b hold the two input gradients afterwards)
+// y[j] <- act(a[j]) * b[j]. One loop per activation (a switch inside the loop body stops the vectorizer).
+template <GatedAct ACT, typename A>
+PYPERF_MATH void gated_fwd_loop(const A* __restrict__ a, const A* __restrict__ b, A* __restrict__ y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] = gated_fwd_one<ACT>(a[j]) * b[j];
+}
+// a[j] <- g * b * act'(a), b[j] <- g * act(a): the two input gradients, in place of the inputs.
+template <GatedAct ACT, typename A>
+PYPERF_MATH void gated_bwd_loop(A* __restrict__ a, A* __restrict__ b, const A* __restrict__ g, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    A f, df;
+    gated_both<ACT>(a[j], f, df);
+    a[j] = g[j] * b[j] * df;
+    b[j] = g[j] * f;
+  }
+}
 template <typename A>
-inline void gated_bwd_tile_t(A* a, A* b, const A* g, int64_t n, GatedAct act) {
+PYPERF_MATH void gated_fwd_tile_t(const A* a, const A* b, A* y, int64_t n, GatedAct act) {
   switch (act) {
-    case GatedAct::Silu:
-      for (int64_t j = 0; j < n; ++j) {
-        A x = a[j], y = b[j];
-        a[j] = g[j] * y * silu_bwd(x);
-        b[j] = g[j] * silu_fwd(x);
-      }
-      break;
-    case GatedAct::Gelu:
-      for (int64_t j = 0; j < n; ++j) {
-        A x = a[j], y = b[j];
-        a[j] = g[j] * y * gelu_erf_bwd(x);
-        b[j] = g[j] * gelu_erf_fwd(x);
-      }
-      break;
-    case GatedAct::GeluTanh:
-      for (int64_t j = 0; j < n; ++j) {
-        A x = a[j], y = b[j];
-        a[j] = g[j] * y * gelu_tanh_bwd(x);
-        b[j] = g[j] * gelu_tanh_fwd(x);
-      }
-      break;
+    case GatedAct::Silu: return gated_fwd_loop<GatedAct::Silu>(a, b, y, n);
+    case GatedAct::Gelu: return gated_fwd_loop<GatedAct::Gelu>(a, b, y, n);
+    case GatedAct::GeluTanh: return gated_fwd_loop<GatedAct::GeluTanh>(a, b, y, n);
+  }
+}
+template <typename A>
+PYPERF_MATH void gated_bwd_tile_t(A* a, A* b, const A* g, int64_t n, GatedAct act) {
+  switch (act) {
+    case GatedAct::Silu: return gated_bwd_loop<GatedAct::Silu>(a, b, g, n);
+    case GatedAct::Gelu: return gated_bwd_loop<GatedAct::Gelu>(a, b, g, n);
+    case GatedAct::GeluTanh: return gated_bwd_loop<GatedAct::GeluTanh>(a, b, g, n);
   }
 }
 
@@ -211,24 +243,63 @@ inline void gated_bwd_tile(double* a, double* b, const double* g, int64_t n, Gat
   gated_bwd_tile_t(a, b, g, n, act);
 }
 
+// Staging between the tensors and the float tiles. bf16 <-> float get their own per-ISA loops (integer bit
+// operations, the same rounding as c10::BFloat16: nearest-even, nan -> 0x7fc0); other pairs a plain loop.
+PYPERF_CLONES void load_bf16(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = std::bit_cast<float>(static_cast<uint32_t>(src[j]) << 16);
+}
+PYPERF_CLONES void store_bf16(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t u = std::bit_cast<uint32_t>(src[j]);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    dst[j] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+  }
+}
+
 template <typename T, typename A>
 inline void load(const T* src, A* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<A>(src[j]);
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    load_bf16(reinterpret_cast<const uint16_t*>(src), dst, n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<A>(src[j]);
+  }
 }
 template <typename T, typename A>
 inline void store(const A* src, T* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    store_bf16(src, reinterpret_cast<uint16_t*>(dst), n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+  }
 }
 
-// Dropout uniforms of flat elements i0 .. i0+n-1 (one Philox call per group of 4, the mapping of philox.h).
-inline void dropout_scale_tile(const DropoutParams& d, uint64_t i0, float* m, int64_t n) {
-  int64_t j = 0;
-  uint64_t i = i0;
-  while (j < n) {
-    Philox4 q = philox_group(d.seed, d.offset, i >> 2);
-    for (uint32_t lane = static_cast<uint32_t>(i & 3); lane < 4 && j < n; ++lane, ++j, ++i) {
-      m[j] = philox_to_uniform(q.x[lane]) >= d.p ? d.scale : 0.0f;
-    }
+// The raw Philox draws of groups g0 .. g0+G-1 (4 per group): a loop over independent groups, so it vectorizes
+// (32x32->64-bit multiplies).
+PYPERF_CLONES void philox_groups(uint64_t seed, uint64_t offset, uint64_t g0, int64_t G, uint32_t* __restrict__ out) {
+  for (int64_t k = 0; k < G; ++k) {
+    const Philox4 r = philox_group(seed, offset, g0 + static_cast<uint64_t>(k));
+    out[4 * k + 0] = r.x[0];
+    out[4 * k + 1] = r.x[1];
+    out[4 * k + 2] = r.x[2];
+    out[4 * k + 3] = r.x[3];
+  }
+}
+
+// mask * scale of flat elements i0 .. i0+n-1 (n <= kTile), element i taking lane i%4 of group i/4 (philox.h).
+inline void dropout_scale_tile(const DropoutParams& d, uint64_t i0, float* __restrict__ m, int64_t n) {
+  uint32_t raw[kTile + 8];
+  const uint64_t g0 = i0 >> 2;
+  const int64_t G = static_cast<int64_t>(((i0 + n - 1) >> 2) - g0 + 1);
+  philox_groups(d.seed, d.offset, g0, G, raw);
+  const uint32_t* r = raw + (i0 & 3);
+  // u = (r >> 8) * 2^-24 >= p  <=>  (r >> 8) >= ceil(p * 2^24), exactly (p * 2^24 is exact in float): the same
+  // keep test as philox_uniform(...) >= p, in integers and with a mask instead of a branch (a ternary here
+  // compiles to an unpredictable branch).
+  const uint32_t threshold = static_cast<uint32_t>(std::ceil(static_cast<double>(d.p) * 16777216.0));
+  const uint32_t scale_bits = std::bit_cast<uint32_t>(d.scale);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t keep = 0u - static_cast<uint32_t>((r[j] >> 8) >= threshold);
+    m[j] = std::bit_cast<float>(keep & scale_bits);
   }
 }
 
@@ -307,8 +378,8 @@ at::Tensor bias_gelu_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>
         const int64_t n = std::min(kTile, c1 - c);
         if (bp) load(bp + c, bb, n); else std::fill(bb, bb + n, A(0));
         for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* xr = xp + r * hidden + c;
-          for (int64_t j = 0; j < n; ++j) v[j] = static_cast<A>(xr[j]) + bb[j];
+          load(xp + r * hidden + c, v, n);
+          for (int64_t j = 0; j < n; ++j) v[j] += bb[j];
           gelu_fwd_tile(v, n, tanh_approx);
           store(v, yp + r * hidden + c, n);
         }
@@ -348,8 +419,8 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
         A* acc = bias_grad ? partial.data() + rb * hidden + c : nullptr;
         if (acc) std::fill(acc, acc + n, A(0));
         for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* xr = xp + r * hidden + c;
-          for (int64_t j = 0; j < n; ++j) v[j] = static_cast<A>(xr[j]) + bb[j];
+          load(xp + r * hidden + c, v, n);
+          for (int64_t j = 0; j < n; ++j) v[j] += bb[j];
           load(gp + r * hidden + c, g, n);
           gelu_bwd_tile(v, g, n, tanh_approx);
           store(g, gxp + r * hidden + c, n);
@@ -365,12 +436,12 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
 // ---- bias + dropout + residual-add -------------------------------------------------------------------------
 
 at::Tensor bias_dropout_residual_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
-                                     const at::Tensor& residual_in, double p, int64_t seed, int64_t offset) {
+                                     const at::Tensor& residual_in, double p, c10::SymInt seed, c10::SymInt offset) {
   check_float_or_double(x_in, "x");
   check_bias(bias_in, x_in, "x");
   check_like(residual_in, x_in, "residual", "x");
   check_same_shape(residual_in, x_in, "residual", "x");
-  const DropoutParams d = make_dropout_params(p, seed, offset);
+  const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
   const at::Tensor x = x_in.contiguous(), res = residual_in.contiguous();
   const at::Tensor bias = has(bias_in) ? bias_in->contiguous() : at::Tensor();
   at::Tensor y = at::empty(x.sizes(), x.options());
@@ -384,26 +455,23 @@ at::Tensor bias_dropout_residual_cpu(const at::Tensor& x_in, const std::optional
     const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     for_each_tile(t, [&](int64_t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-      A bb[kTile];
+      A bb[kTile], vx[kTile], vr[kTile];
       float m[kTile];
       for (int64_t c = c0; c < c1; c += kTile) {
         const int64_t n = std::min(kTile, c1 - c);
         if (bp) load(bp + c, bb, n); else std::fill(bb, bb + n, A(0));
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t base = r * hidden + c;
-          const scalar_t* xr = xp + base;
-          const scalar_t* rr = rp + base;
-          scalar_t* yr = yp + base;
+          load(xp + base, vx, n);
+          load(rp + base, vr, n);
           if (identity) {
-            for (int64_t j = 0; j < n; ++j)
-              yr[j] = static_cast<scalar_t>(static_cast<A>(rr[j]) + (static_cast<A>(xr[j]) + bb[j]));
+            for (int64_t j = 0; j < n; ++j) vx[j] = vr[j] + (vx[j] + bb[j]);
           } else {
             dropout_scale_tile(d, static_cast<uint64_t>(base), m, n);
             // A plain multiply, like torch's dropout: a dropped inf/nan still turns into nan (never hidden).
-            for (int64_t j = 0; j < n; ++j)
-              yr[j] = static_cast<scalar_t>(static_cast<A>(rr[j]) +
-                                            (static_cast<A>(xr[j]) + bb[j]) * static_cast<A>(m[j]));
+            for (int64_t j = 0; j < n; ++j) vx[j] = vr[j] + (vx[j] + bb[j]) * static_cast<A>(m[j]);
           }
+          store(vx, yp + base, n);
         }
       }
     });
@@ -412,10 +480,10 @@ at::Tensor bias_dropout_residual_cpu(const at::Tensor& x_in, const std::optional
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_dropout_residual_backward_cpu(const at::Tensor& grad_in, double p,
-                                                                      int64_t seed, int64_t offset,
+                                                                      c10::SymInt seed, c10::SymInt offset,
                                                                       bool bias_grad) {
   check_float_or_double(grad_in, "grad");
-  const DropoutParams d = make_dropout_params(p, seed, offset);
+  const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor gx = at::empty(grad.sizes(), grad.options());
   const int64_t hidden = last_dim(grad);

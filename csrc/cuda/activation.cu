@@ -421,12 +421,12 @@ __global__ void bias_dropout_residual_backward_kernel(const T* __restrict__ grad
 }
 
 at::Tensor bias_dropout_residual_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
-                                      const at::Tensor& residual_in, double p, int64_t seed, int64_t offset) {
+                                      const at::Tensor& residual_in, double p, c10::SymInt seed, c10::SymInt offset) {
   check_float_or_double(x_in, "x");
   check_bias(bias_in, x_in, "x");
   check_like(residual_in, x_in, "residual", "x");
   check_same_shape(residual_in, x_in, "residual", "x");
-  const DropoutParams d = make_dropout_params(p, seed, offset);
+  const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), res = residual_in.contiguous();
   const at::Tensor bias = has(bias_in) ? bias_in->contiguous() : at::Tensor();
@@ -459,10 +459,10 @@ at::Tensor bias_dropout_residual_cuda(const at::Tensor& x_in, const std::optiona
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_dropout_residual_backward_cuda(const at::Tensor& grad_in, double p,
-                                                                       int64_t seed, int64_t offset,
+                                                                       c10::SymInt seed, c10::SymInt offset,
                                                                        bool bias_grad) {
   check_float_or_double(grad_in, "grad");
-  const DropoutParams d = make_dropout_params(p, seed, offset);
+  const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
   c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor gx = at::empty(grad.sizes(), grad.options());
