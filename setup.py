@@ -83,7 +83,9 @@ def extensions():
     cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")  # at::parallel_for uses torch's OpenMP backend; our code needs only its headers
-    nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    # No --use_fast_math: it flushes denormals (tiny gradients) to zero and approximates division, which would
+    # break CPU/CUDA agreement of quantization and stochastic rounding. Kernels use fast intrinsics explicitly.
+    nvcc = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr",
             "-DPYPERF_WITH_CUDA=1"]
     common = dict(name="pyperf._C", sources=[os.path.relpath(s, ROOT) for s in srcs],
                   include_dirs=include_dirs, py_limited_api=False)

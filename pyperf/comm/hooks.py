@@ -60,53 +60,63 @@ class HookStats:
 
 
 class _Plan:
-    """How one bucket (one set of parameters, in DDP's order) maps onto the model-wide block layout."""
+    """How one bucket (one set of parameters, in DDP's order) maps onto the model-wide block layout.
 
-    def __init__(self, state, bucket_params, numels, device):
+    P: the bucket's quantized parameters in model order, each padded to whole blocks (ops.pack, align=block_size).
+    Block k of P is global block g = gblk[k] and is reduced by rank g % W; perm lists P's blocks grouped by that
+    owner (segment s = the blocks rank s reduces, in model order)."""
+
+    def __init__(self, state, bucket_params, device):
         B, W, r = state.block_size, state.world_size, state.rank
         idx = [state._gidx[id(p)] for p in bucket_params]
-        offs = [0]
-        for n in numels:
-            offs.append(offs[-1] + n)
-        self.numel = offs[-1]
         small = [state._numels[g] < state.min_numel for g in idx]
-        # fp32 part: parameters below min_numel, in bucket order
-        self.small = [(offs[i], numels[i]) for i in range(len(idx)) if small[i]]
-        self.small_numel = sum(n for _, n in self.small)
-        # quantized part: P = canonical (global-order) per-parameter padded layout
-        big = sorted((g, offs[i], numels[i]) for i, g in enumerate(idx) if not small[i])
-        self.big = []
-        pblocks, gblocks = [], []
-        pstart = 0
-        for g, off, n in big:
-            nb = -(-n // B)
-            self.big.append((off, n, pstart * B))
-            pblocks.append(torch.arange(pstart, pstart + nb))
-            gblocks.append(torch.arange(state._gstart[g], state._gstart[g] + nb))
-            pstart += nb
-        self.nblocks = pstart
-        self.big_numel = sum(n for _, n, _ in self.big)
+        self.small = [i for i in range(len(idx)) if small[i]]          # positions in the bucket, fp32 path
+        self.small_numel = sum(state._numels[idx[i]] for i in self.small)
+        self.canon = sorted((i for i in range(len(idx)) if not small[i]), key=lambda i: idx[i])
+        self.gidx = [idx[i] for i in self.canon]
+        self.nbs = [-(-state._numels[g] // B) for g in self.gidx]
+        self.nblocks = sum(self.nbs)
         if self.nblocks == 0:
             return
-        gb = torch.cat(gblocks)
-        owner = gb % W
+        gblk = torch.cat([torch.arange(state._gstart[g], state._gstart[g] + nb) for g, nb in zip(self.gidx, self.nbs)])
+        self.g_contiguous = bool((gblk == torch.arange(int(gblk[0]), int(gblk[0]) + self.nblocks)).all())
+        self.g0 = int(gblk[0])
+        self.gblk = gblk.to(device)
+        owner = gblk % W
         perm = torch.argsort(owner * self.nblocks + torch.arange(self.nblocks), stable=True)
         counts = torch.bincount(owner, minlength=W).tolist()
         self.lens = [c * B for c in counts]
-        m = (gb // W)[perm]
-        self.segs = []                   # per rank s: (m0, contiguous, m indices)
-        start = 0
-        for s in range(W):
-            ms = m[start:start + counts[s]]
-            start += counts[s]
-            m0 = int(ms[0]) if len(ms) else 0
-            contiguous = len(ms) == 0 or bool((ms == torch.arange(m0, m0 + len(ms))).all())
-            self.segs.append((m0, contiguous, ms.to(device)))
+        self.bounds = [0]
+        for c in counts:
+            self.bounds.append(self.bounds[-1] + c)
         self.perm = perm.to(device)
-        self.inv = torch.argsort(perm).to(device)
-        self.P = torch.zeros(self.nblocks * B, dtype=torch.float32, device=device)   # padding stays zero
-        self.S = torch.empty(self.nblocks * B, dtype=torch.float32, device=device)
+        self.perm_seg = [self.perm[self.bounds[s]:self.bounds[s + 1]] for s in range(W)]
+        # this rank's segment: where its blocks live in the server residual (row m = g // W) ...
+        mine = gblk[perm[self.bounds[r]:self.bounds[r + 1]]]
+        ms = mine // W
+        self.m0 = int(ms[0]) if len(ms) else 0
+        self.m_contiguous = len(ms) == 0 or bool((ms == torch.arange(self.m0, self.m0 + len(ms))).all())
+        self.ms = ms.to(device)
+        # ... and its runs of blocks of one parameter (the unit of stochastic rounding, keyed by parameter)
+        pidx = torch.repeat_interleave(torch.tensor(self.gidx), torch.tensor(self.nbs))[perm[self.bounds[r]:
+                                                                                             self.bounds[r + 1]]]
+        self.runs, k = [], 0
+        for g, n in zip(*torch.unique_consecutive(pidx, return_counts=True)):
+            self.runs.append((k, int(n), int(g)))
+            k += int(n)
+        self.pstart = [0]
+        for nb in self.nbs:
+            self.pstart.append(self.pstart[-1] + nb)
+        self.P = torch.empty(self.nblocks * B, dtype=torch.float32, device=device)
+        self.wire = torch.empty(_q.wire_bytes(self.nblocks * B, state.fmt, B), dtype=torch.uint8, device=device)
+        self.pb = (self.wire.numel() - 4 * self.nblocks) // self.nblocks       # payload bytes per block
+        self.scales = self.wire[:4 * self.nblocks].view(self.nblocks, 4)
+        self.payload = self.wire[4 * self.nblocks:].view(self.nblocks, self.pb)
         self.two_shot = TwoShot(self.lens, state.fmt, B, r, W)
+
+
+def _wire_parts(wire, nblocks, pb):
+    return wire[:4 * nblocks].view(nblocks, 4), wire[4 * nblocks:4 * nblocks + nblocks * pb].view(nblocks, pb)
 
 
 class HookState:
@@ -142,10 +152,11 @@ class HookState:
         self.iter = 0
         self.stats = HookStats()
         self._plans: Dict[tuple, _Plan] = {}
+        self._used_plans = set()       # plans of the current step; the others (DDP's old layout) are dropped
         self._in_step = False
         self._step_nonfinite: List[torch.Tensor] = []
-        self._residual = None          # [W, M*B] fp32: client residual of global block g at (g % W, g // W)
-        self._server_residual = None   # [M*B] fp32: server residual of the blocks this rank reduces
+        self._residual = None          # [G*B] fp32: client residual, every parameter padded to blocks, model order
+        self._server_residual = None   # [M*B] fp32: server residual of the blocks this rank reduces (g = m*W + r)
         self._backup = None
         self._set_params(params or [], names)
 
@@ -165,24 +176,21 @@ class HookState:
     def _ensure_residual(self, device):
         if self._residual is None and self.error_feedback:
             B = self.block_size
-            self._residual = torch.zeros(self.world_size, self._rows * B, dtype=torch.float32, device=device)
+            self._residual = torch.zeros(self._gblocks * B, dtype=torch.float32, device=device)
             self._server_residual = torch.zeros(self._rows * B, dtype=torch.float32, device=device)
 
     def _plan(self, bucket):
         params = bucket.parameters()
         buf = bucket.buffer()
         key = (tuple(id(p) for p in params), buf.dtype, buf.device)
+        self._used_plans.add(key)
         plan = self._plans.get(key)
         if plan is None:
             for p in params:
                 if id(p) not in self._gidx:
                     raise RuntimeError("pyperf hook: a bucket holds a parameter that was not in the model when the "
                                        "hook was registered; register the hook after the model is complete")
-            numels = [p.numel() for p in params]
-            if sum(numels) != buf.numel():
-                raise RuntimeError("pyperf hook: bucket buffer has %d elements but its parameters %d"
-                                   % (buf.numel(), sum(numels)))
-            plan = self._plans[key] = _Plan(self, params, numels, buf.device)
+            plan = self._plans[key] = _Plan(self, params, buf.device)
         return plan
 
     # ---- step bookkeeping -------------------------------------------------------------------------------------
@@ -202,6 +210,9 @@ class HookState:
             self._in_step = False
             self.iter += 1
             self.stats.steps += 1
+            if self._used_plans:
+                self._plans = {k: v for k, v in self._plans.items() if k in self._used_plans}
+                self._used_plans = set()
 
     def _settle(self):
         """Roll back the error feedback of a finished step whose gradients were not finite (GradScaler skips it)."""
@@ -264,12 +275,10 @@ class HookState:
     def residual_of(self, param):
         """This rank's client-side error-feedback residual of `param` (a copy shaped like it; zeros if none)."""
         g = self._gidx[id(param)]
-        n, B, W = self._numels[g], self.block_size, self.world_size
-        out = torch.zeros(-(-n // B) * B, dtype=torch.float32)
-        if self._residual is not None:
-            gb = torch.arange(self._gstart[g], self._gstart[g] + out.numel() // B)
-            out.view(-1, B).copy_(self._residual.cpu().view(W, -1, B)[gb % W, gb // W])
-        return out[:n].view(param.shape)
+        n, B = self._numels[g], self.block_size
+        if self._residual is None:
+            return torch.zeros(param.shape, dtype=torch.float32)
+        return self._residual[self._gstart[g] * B:self._gstart[g] * B + n].detach().cpu().clone().view(param.shape)
 
 
 # ---- hooks (torch's signature: hook(state, bucket) -> Future[Tensor]) -------------------------------------------
@@ -349,96 +358,115 @@ def quantized_hook(state: HookState, bucket):
     state.stats.bytes_fp32_ring += _ring_bytes(buf.numel(), 4, W)
     futs = []
 
+    grads = bucket.gradients()
     # parameters below min_numel: fp32 all-gather, summed in rank order (exact, layout-independent)
     if plan.small_numel:
-        small = torch.empty(plan.small_numel, dtype=torch.float32, device=dev)
-        o = 0
-        for off, n in plan.small:
-            small[o:o + n].copy_(buf[off:off + n])
-            o += n
+        small_grads = [grads[i] for i in plan.small]
+        small = _q.pack(small_grads, out_dtype=torch.float32)
         gathered = torch.empty(W * plan.small_numel, dtype=torch.float32, device=dev)
         state.stats.bytes_sent += (W - 1) * plan.small_numel * 4
         sfut = _all_gather(gathered, small, group=group, async_op=True).get_future()
 
-        def unpack_small(f, gathered=gathered, plan=plan, stats=stats, flags=flags):
+        def unpack_small(f, gathered=gathered, small_grads=small_grads, stats=stats, flags=flags):
             t1 = time.perf_counter()
             f.value()
             g = gathered.view(W, -1)
             tot = g[0].clone()
             for s in range(1, W):
                 tot.add_(g[s])
-            tot.mul_(1.0 / W)
             flags.append(~torch.isfinite(tot).all())
-            o = 0
-            for off, n in plan.small:
-                buf[off:off + n].copy_(tot[o:o + n])
-                o += n
+            _q.unpack(tot, small_grads, scale=1.0 / W)
             stats.hook_time_s += time.perf_counter() - t1
             return buf
 
         futs.append(sfut.then(unpack_small))
 
     if plan.nblocks:
-        ts = plan.two_shot
-        P, S = plan.P, plan.S
-        for off, n, pst in plan.big:
-            P[pst:pst + n].copy_(buf[off:off + n])
-        torch.index_select(P.view(-1, B), 0, plan.perm, out=S.view(-1, B))
-        res, srv, scatter = None, None, []
+        ts, P, nb, pb = plan.two_shot, plan.P, plan.nblocks, plan.pb
+        big_grads = [grads[i] for i in plan.canon]
+        _q.pack(big_grads, out_dtype=torch.float32, align=B, out=P)
+        res = srv = None
+        scatter = []
         if state.error_feedback:
-            res = []
-            for s in range(W):
-                m0, contiguous, ms = plan.segs[s]
-                rows = state._residual[s].view(-1, B)
-                if contiguous:
-                    res.append(rows[m0:m0 + len(ms)].view(-1))
-                else:
-                    seg = rows.index_select(0, ms).view(-1)
-                    res.append(seg)
-                    scatter.append((rows, ms, seg))
-            m0, contiguous, ms = plan.segs[state.rank]
-            rows = state._server_residual.view(-1, B)
-            if contiguous:
-                srv = rows[m0:m0 + len(ms)].view(-1)
+            if plan.g_contiguous:
+                res = state._residual[plan.g0 * B:(plan.g0 + nb) * B]
             else:
-                srv = rows.index_select(0, ms).view(-1)
-                scatter.append((rows, ms, srv))
-        measure = state.stats_every and state.iter % state.stats_every == 0
-        if measure:
-            v = S.clone()
-            if res is not None:
-                for s in range(W):
-                    v[ts.offs[s]:ts.offs[s + 1]].add_(res[s])
+                rows = state._residual.view(-1, B)
+                res = rows.index_select(0, plan.gblk).view(-1)
+                scatter.append((rows, plan.gblk, res))
+            rows = state._server_residual.view(-1, B)
+            if plan.m_contiguous:
+                srv = rows[plan.m0:plan.m0 + len(plan.ms)].view(-1)
+            else:
+                srv = rows.index_select(0, plan.ms).view(-1)
+                scatter.append((rows, plan.ms, srv))
+        if state.stats_every and state.iter % state.stats_every == 0:
+            v = P if res is None else P + res
             tmp = torch.zeros_like(v)
             _q.quantize(v, state.fmt, B, residual=tmp)
             vn = float(v.norm())
             state.stats.rel_error = float(tmp.norm()) / vn if vn > 0 else 0.0
-        base = state.iter * _STEP_STRIDE
-        qfut = ts.run(group, S, S, scale=1.0 / W, residual=res, server_residual=srv,
-                      stochastic=state.stochastic_rounding,
-                      seeds=(mix_seed(state.seed, 1, state.rank), mix_seed(state.seed, 2, state.rank)),
-                      offsets=[base + plan.segs[s][0] * B for s in range(W)],
-                      server_offset=base + plan.segs[state.rank][0] * B)
+        sr = state.stochastic_rounding
+        cseed = mix_seed(state.seed, 1, state.rank, state.iter)
+        sseed = mix_seed(state.seed, 2, state.rank, state.iter)
+        # quantize P in model order (stochastic rounding: one call per parameter, keyed by parameter index, so the
+        # noise does not depend on what else shares the bucket) ...
+        if not sr:
+            _q.quantize(P, state.fmt, B, residual=res, out=plan.wire)
+        else:
+            for k, g in enumerate(plan.gidx):
+                a, b = plan.pstart[k], plan.pstart[k + 1]
+                sub = _q.quantize(P[a * B:b * B], state.fmt, B, stochastic=True, seed=cseed, offset=g,
+                                  residual=None if res is None else res[a * B:b * B])
+                sc, pl = _wire_parts(sub, b - a, pb)
+                plan.scales[a:b].copy_(sc)
+                plan.payload[a:b].copy_(pl)
+        # ... then move whole quantized blocks (1/4 of the fp32 bytes) into per-owner segments
+        send = torch.empty(ts.woffs[-1], dtype=torch.uint8, device=dev)
+        for s in range(W):
+            c = plan.bounds[s + 1] - plan.bounds[s]
+            if c:
+                sc, pl = _wire_parts(send[ts.woffs[s]:ts.woffs[s + 1]], c, pb)
+                torch.index_select(plan.scales, 0, plan.perm_seg[s], out=sc)
+                torch.index_select(plan.payload, 0, plan.perm_seg[s], out=pl)
+
+        def requant(total, plan=plan, srv=srv):
+            c = plan.bounds[state.rank + 1] - plan.bounds[state.rank]
+            wire = torch.empty(_q.wire_bytes(c * B, state.fmt, B), dtype=torch.uint8, device=dev)
+            sc_all, pl_all = _wire_parts(wire, c, pb)
+            for k0, n, g in plan.runs:
+                sub = _q.quantize(total[k0 * B:(k0 + n) * B], state.fmt, B, stochastic=True, seed=sseed, offset=g,
+                                  residual=None if srv is None else srv[k0 * B:(k0 + n) * B])
+                sc, pl = _wire_parts(sub, n, pb)
+                sc_all[k0:k0 + n].copy_(sc)
+                pl_all[k0:k0 + n].copy_(pl)
+            return wire
+
+        mine = ts.exchange_reduce(group, send, scale=1.0 / W, server_residual=srv, requantize=requant if sr else None)
+        gfut, gathered = ts.gather(group, mine)
         state.stats.bytes_sent += ts.bytes_sent()
 
-        def unpack_big(f, plan=plan, ts=ts, scatter=scatter, stats=stats, flags=flags):
+        def unpack_big(f, plan=plan, big_grads=big_grads, gathered=gathered, scatter=scatter, stats=stats,
+                       flags=flags):
             t1 = time.perf_counter()
             f.value()
-            flags.append(ts.nonfinite)
-            for rows, ms, seg in scatter:
-                rows.index_copy_(0, ms, seg.view(-1, B))
-            torch.index_select(plan.S.view(-1, B), 0, plan.inv, out=plan.P.view(-1, B))
-            for off, n, pst in plan.big:
-                buf[off:off + n].copy_(plan.P[pst:pst + n])
-            # P's padding must stay zero for the next pack
-            for off, n, pst in plan.big:
-                r = (-n) % B
-                if r:
-                    plan.P[pst + n:pst + n + r].zero_()
+            for s in range(W):
+                c = plan.bounds[s + 1] - plan.bounds[s]
+                if c:
+                    sc, pl = _wire_parts(gathered[s], c, plan.pb)
+                    plan.scales.index_copy_(0, plan.perm_seg[s], sc)
+                    plan.payload.index_copy_(0, plan.perm_seg[s], pl)
+            # the fp32 block scales tell whether any block (any rank's) was inf/nan
+            flags.append(~torch.isfinite(plan.scales.view(torch.float32)).all())
+            for rows, index, seg in scatter:
+                rows.index_copy_(0, index, seg.view(-1, B))
+            _q.dequantize(plan.wire, plan.nblocks * B, plan_fmt, B, out=plan.P)
+            _q.unpack(plan.P, big_grads, align=B)
             stats.hook_time_s += time.perf_counter() - t1
             return buf
 
-        futs.append(qfut.then(unpack_big))
+        plan_fmt = state.fmt
+        futs.append(gfut.then(unpack_big))
 
     _finish(state, bucket, t0)
     if len(futs) == 1:

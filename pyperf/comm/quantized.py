@@ -33,9 +33,9 @@ def check_format(fmt, block_size):
 
 
 def wire_bytes(numel, fmt, block_size):
-    """Bytes of one quantized wire of `numel` elements: the op's own count, rounded up to 4 so that wires placed
-    side by side keep their fp32 scales aligned."""
-    return (int(_q.wire_bytes(numel, fmt, block_size)) + 3) // 4 * 4
+    """Bytes of one quantized wire of `numel` elements (a multiple of 4: wires side by side keep their fp32 scales
+    aligned): [nblocks fp32 scales][nblocks * block_size payload values]."""
+    return int(_q.wire_bytes(numel, fmt, block_size))
 
 
 def chunk_numel(numel, world_size, block_size):
@@ -109,58 +109,73 @@ class TwoShot:
         W, r = self.world_size, self.rank
         return (self.woffs[-1] - self.wb[r]) + (W - 1) * self.wb_max
 
-    def run(self, group, x, out, *, scale=1.0, residual=None, server_residual=None, stochastic=False,
-            seeds=(0, 0), offsets=None, server_offset=0):
-        """x, out: flat fp32 of sum(lens) (out may be x). residual: None or a list of per-segment fp32 tensors
-        (client error feedback, updated in place); server_residual: fp32 of lens[rank] (updated in place)."""
+    def exchange_reduce(self, group, send, *, scale=1.0, server_residual=None, stochastic=False, seed=0, offset=0,
+                        requantize=None):
+        """Stage one: all-to-all of the segment wires in `send` (segment s, wb[s] bytes, goes to rank s), then the
+        fused reduce of this rank's segment. Returns this rank's reduced wire, zero-padded to wb_max bytes (the
+        all-gather needs equal sizes). requantize(fp32 sum) -> wire replaces the fused requantize (the hooks use
+        it to key stochastic rounding by parameter).
+
+        Both collectives of a two-shot are issued from the calling thread, in call order: Gloo matches collectives
+        by issue order, and one launched from a completion callback (a backend worker thread) can overtake the
+        next bucket's on some ranks and deadlock or mismatch. So stage one waits: on NCCL that is a stream wait
+        (the host goes on), on Gloo it blocks this thread for the all-to-all."""
         W, r, fmt, B = self.world_size, self.rank, self.fmt, self.block_size
-        dev = x.device
-        send = torch.empty(self.woffs[-1], dtype=torch.uint8, device=dev)
-        for s in range(W):
-            if self.lens[s] == 0:
-                continue
-            _q.quantize(x[self.offs[s]:self.offs[s + 1]], fmt, B, stochastic=stochastic, seed=seeds[0],
-                        offset=0 if offsets is None else offsets[s],
-                        residual=None if residual is None else residual[s],
-                        out=send[self.woffs[s]:self.woffs[s] + int(_q.wire_bytes(self.lens[s], fmt, B))])
+        dev = send.device
         my_wb = self.wb[r]
         recv = torch.empty(W * my_wb, dtype=torch.uint8, device=dev)
         if self.equal:
-            work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+            dist.all_to_all_single(recv, send, group=group)
         else:
-            work = dist.all_to_all_single(recv, send, output_split_sizes=[my_wb] * W, input_split_sizes=self.wb,
-                                          group=group, async_op=True)
-        # Both collectives are issued from the calling thread, in call order: Gloo matches collectives by issue
-        # order, and a collective launched from a completion callback (a backend worker thread) can overtake the
-        # next bucket's one on some ranks and deadlock or mismatch. So stage one waits here: on NCCL that is a
-        # stream wait (the host goes on), on Gloo it blocks this thread for the all-to-all. Only the final
-        # dequantize runs in the callback.
-        work.wait()
+            dist.all_to_all_single(recv, send, output_split_sizes=[my_wb] * W, input_split_sizes=self.wb,
+                                   group=group)
         n_me = self.lens[r]
         mine = torch.zeros(self.wb_max, dtype=torch.uint8, device=dev)
         if n_me:
             wires = recv.view(W, my_wb)
-            exact = int(_q.wire_bytes(n_me, fmt, B))
-            if my_wb != exact:
-                wires = wires[:, :exact].contiguous()
-            red = _q.reduce_quantized(wires, n_me, fmt, B, scale=scale, requantize=True, residual=server_residual,
-                                      stochastic=stochastic, seed=seeds[1], offset=server_offset)
-            mine[:red.numel()].copy_(red)
-        gathered = torch.empty(W * self.wb_max, dtype=torch.uint8, device=dev)
+            if requantize is None:
+                red = _q.reduce_quantized(wires, n_me, fmt, B, scale=scale, requantize=True,
+                                          residual=server_residual, stochastic=stochastic, seed=seed, offset=offset)
+            else:
+                red = requantize(_q.reduce_quantized(wires, n_me, fmt, B, scale=scale))
+            mine[:my_wb].copy_(red)
+        return mine
+
+    def gather(self, group, mine):
+        """Stage two: all-gather of the reduced wires. Returns (future, gathered [W, wb_max] uint8)."""
+        gathered = torch.empty(self.world_size * self.wb_max, dtype=torch.uint8, device=mine.device)
         fut = _all_gather(gathered, mine, group=group, async_op=True).get_future()
+        return fut, gathered.view(self.world_size, self.wb_max)
+
+    def run(self, group, x, out, *, scale=1.0, residual=None, server_residual=None, stochastic=False,
+            seed=0, offset=0):
+        """The whole two-shot over x (flat fp32, segment s = x[offs[s]:offs[s+1]]) into out (may be x).
+        residual: None or per-segment fp32 tensors (client error feedback); server_residual: fp32 of lens[rank].
+        Stochastic rounding: chunk s uses Philox key mix_seed(seed, 1, rank, s) and `offset`, the server
+        mix_seed(seed, 2, rank). Returns a Future of out; `self.nonfinite` is set when it completes."""
+        W, r, fmt, B = self.world_size, self.rank, self.fmt, self.block_size
+        send = torch.empty(self.woffs[-1], dtype=torch.uint8, device=x.device)
+        for s in range(W):
+            if self.lens[s]:
+                _q.quantize(x[self.offs[s]:self.offs[s + 1]], fmt, B, stochastic=stochastic,
+                            seed=mix_seed(seed, 1, r, s), offset=offset,
+                            residual=None if residual is None else residual[s],
+                            out=send[self.woffs[s]:self.woffs[s + 1]])
+        mine = self.exchange_reduce(group, send, scale=scale, server_residual=server_residual,
+                                    stochastic=stochastic, seed=mix_seed(seed, 2, r), offset=offset)
+        fut, gathered = self.gather(group, mine)
 
         def finish(f):
             f.value()
-            nb = [-(-n // B) for n in self.lens]
+            bad = []
             for s in range(W):
                 if self.lens[s]:
-                    base = s * self.wb_max
-                    _q.dequantize(gathered[base:base + int(_q.wire_bytes(self.lens[s], fmt, B))], self.lens[s],
-                                  fmt, B, out=out[self.offs[s]:self.offs[s + 1]])
+                    _q.dequantize(gathered[s, :self.wb[s]], self.lens[s], fmt, B,
+                                  out=out[self.offs[s]:self.offs[s + 1]])
+                    nb = self.lens[s] // B
+                    bad.append(~torch.isfinite(gathered[s, :4 * nb].view(torch.float32)).all())
             # The fp32 block scales lead each wire: a non-finite block has a non-finite scale.
-            scales = gathered.view(W, self.wb_max)[:, :4 * max(nb)].contiguous().view(torch.float32)
-            valid = torch.arange(max(nb), device=dev)[None, :] < torch.tensor(nb, device=dev)[:, None]
-            self.nonfinite = ~(torch.isfinite(scales) | ~valid).all()
+            self.nonfinite = torch.stack(bad).any() if bad else torch.zeros((), dtype=torch.bool)
             return out
 
         return fut.then(finish)
@@ -172,8 +187,8 @@ def quantized_all_reduce(tensor, fmt="int8", *, block_size=256, group=None, op="
     quantized algorithm. Returns the reduced tensor (`out`, or a new tensor shaped and typed like `tensor`), or a
     torch.futures.Future of it with async_op=True.
 
-    op: "mean" or "sum". stochastic/seed/offset: stochastic rounding from Philox(seed, offset + element index);
-    use a fresh offset per call. residual (fp32, padded_numel(numel, W, block_size) elements) and server_residual
+    op: "mean" or "sum". stochastic/seed/offset: stochastic rounding from Philox keyed by (seed, rank, chunk) and
+    `offset`; use a fresh offset per call (e.g. the step number). residual (fp32, padded_numel(numel, W, block_size) elements) and server_residual
     (fp32, chunk_numel(numel, W, block_size) elements): error-feedback state, updated in place; pass zeros first.
     Error bound (deterministic rounding, no error feedback), per element of block b:
     |out - exact| <= (mean_r amax_r(b) + amax_mean(b)) / (2 qmax) for int8/int4 (qmax 127 / 7); fp8 keeps a
@@ -211,9 +226,8 @@ def quantized_all_reduce(tensor, fmt="int8", *, block_size=256, group=None, op="
                                                                           device=tensor.device)
     ts = TwoShot([C] * W, fmt, block_size, rank, W)
     res = None if residual is None else [residual.view(-1)[s * C:(s + 1) * C] for s in range(W)]
-    fut = ts.run(group, x, y, scale=1.0 / W if op == "mean" else 1.0, residual=res, server_residual=server_residual,
-                 stochastic=stochastic, seeds=(mix_seed(seed, 1, rank), mix_seed(seed, 2)), offsets=[offset + s * C for s in range(W)],
-                 server_offset=offset + rank * C)
+    fut = ts.run(group, x, y, scale=1.0 / W if op == "mean" else 1.0, residual=res,
+                 server_residual=server_residual, stochastic=stochastic, seed=seed, offset=offset)
 
     def copy_back(f):
         yy = f.value()
@@ -263,7 +277,7 @@ class QuantizedCompressor(Compressor):
         # prescaled by 1/W already: the sum of the inputs is the mean
         return quantized_all_reduce(flat, self.fmt, block_size=B, group=group, op="sum", async_op=True,
                                     stochastic=self.stochastic, seed=mix_seed(self.seed, bucket_index),
-                                    offset=st[2] * (1 << 36), residual=st[0], server_residual=st[1], out=flat)
+                                    offset=st[2], residual=st[0], server_residual=st[1], out=flat)
 
 
 register_compressor("int8", lambda: QuantizedCompressor("int8"))
