@@ -14,7 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from pyperf.bench import Case
-from pyperf.checkpoint import CheckpointedBlock, SavedTensorMeter, checkpoint_blocks
+from pyperf.checkpoint import SavedTensorMeter, checkpoint_blocks
 from pyperf.models import BlockStack, GPTConfig, fused_layers_available
 
 FULL = dict(d_model=2048, n_heads=16, n_layers=8, seq_len=2048, batch=8)      # the DESIGN.md reference point
@@ -145,7 +145,7 @@ def cases(device, dtype, quick):
     return out
 
 
-if __name__ == "__main__":       # a quick look without the harness: time and memory of each impl
+if __name__ == "__main__":       # a quick look without the harness: step time (median, min of 5) and memory
     import sys
     import time
     dev = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,7 +155,7 @@ if __name__ == "__main__":       # a quick look without the harness: time and me
         for k, fn in c.impls.items():
             fn(inputs)
             ts = []
-            for _ in range(3):
+            for _ in range(5):
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -163,4 +163,5 @@ if __name__ == "__main__":       # a quick look without the harness: time and me
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 ts.append(time.perf_counter() - t0)
-            print("  %-28s %8.2f ms  %s" % (k, sorted(ts)[1] * 1e3, c.measure(k, inputs)))
+            print("  %-28s median %8.2f ms  min %8.2f ms  %s" % (k, sorted(ts)[2] * 1e3, min(ts) * 1e3,
+                                                                c.measure(k, inputs)))

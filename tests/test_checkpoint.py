@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy
 
 from _dist import run_ranks
+from conftest import devices
 from pyperf.checkpoint import (CheckpointedBlock, SavedTensorMeter, checkpoint_blocks, checkpoint_plan,
                                plan_budget, BlockStats)
 from pyperf.models import GPT, BlockStack, GPTConfig, fused_layers_available
@@ -19,14 +20,20 @@ from pyperf.models import GPT, BlockStack, GPTConfig, fused_layers_available
 CFG = dict(vocab=256, d_model=48, n_heads=4, n_layers=3, seq_len=24, dropout=0.1)
 
 
-def _model(fused=False, **kw):
+def _model(fused=False, device="cpu", **kw):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{**CFG, **kw, "fused": fused}))
+    return GPT(GPTConfig(**{**CFG, **kw, "fused": fused})).to(device)
 
 
-def _batch(B=3, T=24, seed=1):
+def _batch(B=3, T=24, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (B, T), generator=g), torch.randint(0, 256, (B, T), generator=g)
+    idx, tgt = torch.randint(0, 256, (B, T), generator=g), torch.randint(0, 256, (B, T), generator=g)
+    return idx.to(device), tgt.to(device)
+
+
+def _same(a, b, device):
+    # CPU: bitwise. CUDA: attention backward kernels may accumulate in a different order run to run
+    return torch.equal(a, b) if device == "cpu" else torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def _grads(model):
@@ -57,13 +64,14 @@ def _policy(name):
     return name
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_same_loss_and_grads_bitwise(policy, fused):
+def test_same_loss_and_grads_bitwise(policy, fused, device):
     if fused and not fused_layers_available():
         pytest.skip("pyperf.nn fused layers are not in this build")
-    ref_model = _model(fused)
-    idx, tgt = _batch()
+    ref_model = _model(fused, device)
+    idx, tgt = _batch(device=device)
     ref = _step(ref_model, idx, tgt)
     model = copy.deepcopy(ref_model)
     model.zero_grad(set_to_none=True)
@@ -71,14 +79,14 @@ def test_same_loss_and_grads_bitwise(policy, fused):
     assert len(plan.names) == CFG["n_layers"]
     assert all(isinstance(b, CheckpointedBlock) for b in model.blocks)
     got = _step(model, idx, tgt)
-    assert torch.equal(got[0], ref[0])
+    assert _same(got[0], ref[0], device)
     assert got[1].keys() == ref[1].keys()
     for k in ref[1]:
-        assert torch.equal(got[1][k], ref[1][k]), k
+        assert _same(got[1][k], ref[1][k], device), k
     # a second step: nothing left over from the first (caches, RNG)
     model.zero_grad(set_to_none=True)
     ref_model.zero_grad(set_to_none=True)
-    assert torch.equal(_step(model, idx, tgt, seed=7)[0], _step(ref_model, idx, tgt, seed=7)[0])
+    assert _same(_step(model, idx, tgt, seed=7)[0], _step(ref_model, idx, tgt, seed=7)[0], device)
 
 
 class _Recorder(nn.Module):
@@ -96,21 +104,52 @@ class _Recorder(nn.Module):
         return self.b(h)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("policy", ["full", "selective"])
-def test_dropout_recompute_is_bit_identical(policy):
+def test_dropout_recompute_is_bit_identical(policy, device):
     torch.manual_seed(0)
-    block = CheckpointedBlock(_Recorder(), policy)
-    x = torch.randn(5, 16, requires_grad=True)
+    block = CheckpointedBlock(_Recorder().to(device), policy)
+    x = torch.randn(5, 16, device=device, requires_grad=True)
     torch.manual_seed(3)
     block(x).sum().backward()
     assert len(block.module.outs) == 2                      # the forward and its recompute
     assert torch.equal(block.module.outs[0], block.module.outs[1])
     assert (block.module.outs[0] == 0).any()                # dropout did drop
     # and the RNG stream after the step is what it would be without checkpointing
-    after_ckpt = torch.rand(4)
+    after_ckpt = torch.rand(4, device=device)
     torch.manual_seed(3)
     block.module(x)
-    assert torch.equal(torch.rand(4), after_ckpt)
+    assert torch.equal(torch.rand(4, device=device), after_ckpt)
+
+
+@pytest.mark.parametrize("device", [d for d in devices() if d != "cpu"] or ["cuda"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_memory_follows_the_meter(device, fused):
+    """On the GPU, what the forward leaves allocated for backward orders none > selective > full and matches what
+    SavedTensorMeter counts (the planner's measure)."""
+    if fused and not fused_layers_available():
+        pytest.skip("pyperf.nn fused layers not in this build")
+    torch.manual_seed(0)
+    cfg = GPTConfig(d_model=256, n_heads=4, n_layers=4, seq_len=256, dropout=0.1, fused=fused)
+    stack = BlockStack(cfg).to(device)
+    x = torch.randn(4, 256, 256, device=device, requires_grad=True)
+    checkpoint_blocks(stack, "none")
+    held = {}
+    for policy in ("none", "selective", "full"):
+        checkpoint_blocks(stack, policy)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        with SavedTensorMeter(exclude=stack.parameters()) as meter:
+            y = stack(x)
+        torch.cuda.synchronize()
+        # what the forward holds = saved tensors + y itself - x (counted by the meter, allocated before)
+        alloc = torch.cuda.memory_allocated() - base + x.untyped_storage().nbytes() - y.untyped_storage().nbytes()
+        held[policy] = (alloc, meter.bytes)
+        y.sum().backward()
+        del y
+    assert held["full"][0] < held["selective"][0] < held["none"][0], held
+    for policy, (alloc, metered) in held.items():
+        assert abs(alloc - metered) <= 0.1 * held["none"][1], (policy, alloc, metered)
 
 
 def _saved(model, policy, idx):
@@ -315,6 +354,7 @@ def _ddp_body(rank, world_size):
             assert torch.allclose(got[n], p.grad, rtol=1e-5, atol=1e-6), (policy, budget, n)
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks():
     """find_unused_parameters=False, full / selective / budget plans: no "marked ready twice", the gradients of
     the full batch."""
@@ -395,3 +435,27 @@ def test_torch_compile_inductor(policy, fused):
     if fused and not fused_layers_available():
         pytest.skip("pyperf.nn fused layers not in this build")
     _compiled_matches_eager(policy, fused, "inductor", 0.0)
+
+
+def test_benchmark_impls_agree(monkeypatch):
+    """benchmarks/bench_checkpoint.py: every impl of every case runs, measures, and computes the same gradients."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "bench_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "CPU", dict(d_model=32, n_heads=2, n_layers=3, seq_len=16, batch=2))
+    cases = bench.cases("cpu", None, quick=True)
+    assert len(cases) == (2 if fused_layers_available() else 1)
+    for case in cases:
+        inputs = case.setup()
+        grads, saved = {}, {}
+        for name, fn in case.impls.items():
+            fn(inputs)
+            grads[name] = inputs[0].grad.clone()
+            saved[name] = case.measure(name, inputs)["saved_mib"]
+        for name, g in grads.items():
+            assert torch.allclose(g, grads["torch none"], rtol=1e-5, atol=1e-6), (case.name, name)
+        assert saved["pyperf full"] == saved["torch checkpoint full"] < saved["pyperf selective"] < saved["torch none"]
+        assert saved["pyperf budget 50%"] <= 0.5 * saved["torch none"]
