@@ -422,7 +422,8 @@ def _spawned(rank, world, args, port):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hook", default="allreduce", choices=HOOKS + TORCH_HOOKS,
                    help="gradient communication (pyperf.hooks kinds; torch-fp16/torch-powersgd are torch's own)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,

@@ -209,7 +209,8 @@ def test_netns_topology_setup_and_cleanup():
         ''' % topo.addrs[0])], stdout=subprocess.PIPE, text=True)
         assert server.stdout.readline().strip() == "ready"
         client = subprocess.run(topo.exec_prefix(1) + [sys.executable, "-c", textwrap.dedent('''
-                        c = socket.create_connection(("%s", 29411), timeout=20); c.sendall(b"abc"); print(c.recv(16).decode())
+                        c = socket.create_connection(("%s", 29411), timeout=20)
+            c.sendall(b"abc"); print(c.recv(16).decode())
         ''' % topo.addrs[0])], capture_output=True, text=True, timeout=60)
         server.wait(timeout=30)
         assert client.stdout.strip() == "cba", client.stderr
