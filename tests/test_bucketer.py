@@ -119,6 +119,8 @@ def _body_misc(rank, world_size):
     x = torch.full((2, 8), float(rank + 1), dtype=torch.bfloat16)
     model[1](model[0](x).float()).sum().backward()
     local = [p.grad.clone() for p in model.parameters()]
+    # every gradient arrived: every bucket's all-reduce started during backward (overlap), before wait()
+    assert all(bk.handle is not None for bk in b.buckets)
     b.wait()
     for p, g in zip(model.parameters(), local):
         want = g.float().clone()

@@ -194,8 +194,7 @@ void dispatch_pair(c10::ScalarType in, c10::ScalarType out, Fn&& fn) {
   dispatch_one(in, [&](auto in_tag) { dispatch_one(out, [&](auto out_tag) { fn(in_tag, out_tag); }); });
 }
 
-void list_args(at::TensorList tensors, const PackLayout& layout, std::vector<std::array<void*, 1>>& ptrs,
-               std::vector<int64_t>& numels) {
+void list_args(at::TensorList tensors, std::vector<std::array<void*, 1>>& ptrs, std::vector<int64_t>& numels) {
   ptrs.resize(tensors.size());
   numels.resize(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -208,7 +207,7 @@ void pack_into(at::TensorList tensors, double scale, int64_t align, const PackLa
   if (tensors.empty()) return;
   std::vector<std::array<void*, 1>> ptrs;
   std::vector<int64_t> numels;
-  list_args(tensors, layout, ptrs, numels);
+  list_args(tensors, ptrs, numels);
   dispatch_pair(tensors[0].scalar_type(), out.scalar_type(), [&](auto in_tag, auto out_tag) {
     using in_t = decltype(in_tag);
     using out_t = decltype(out_tag);
@@ -248,7 +247,7 @@ void unpack_cuda(const at::Tensor& flat, at::TensorList tensors, double scale, i
   c10::cuda::CUDAGuard guard(flat.device());
   std::vector<std::array<void*, 1>> ptrs;
   std::vector<int64_t> numels;
-  list_args(tensors, layout, ptrs, numels);
+  list_args(tensors, ptrs, numels);
   dispatch_pair(flat.scalar_type(), tensors[0].scalar_type(), [&](auto in_tag, auto out_tag) {
     using in_t = decltype(in_tag);
     using out_t = decltype(out_tag);
@@ -264,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_l2norm_cuda(at::TensorList tenso
   const PackLayout layout = pack_layout(tensors, 1);
   std::vector<std::array<void*, 1>> ptrs;
   std::vector<int64_t> numels;
-  list_args(tensors, layout, ptrs, numels);
+  list_args(tensors, ptrs, numels);
   const int64_t n_chunks = mta::num_chunks(numels);
   const auto opts = tensors[0].options();
   at::Tensor partial_sq = at::empty({n_chunks}, opts.dtype(c10::kFloat));

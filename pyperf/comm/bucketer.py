@@ -18,7 +18,7 @@ Policies (documented in docs/pack.md):
   * parameters with requires_grad=False are skipped.
 """
 import contextlib
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List
 
 import torch
 import torch.distributed as dist
