@@ -2,6 +2,9 @@
 pyperf/_reference.py: every format and input dtype, odd sizes, stochastic rounding, error feedback, non-finite
 blocks, the fused reduce, opcheck and the error messages. CUDA cases also check CPU/CUDA bit identity."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -340,9 +343,48 @@ def test_cuda_bits_match_cpu(device, fmt):
                 wc = ops.quantize(x.to(device), fmt, bs, stochastic=True, seed=9, offset=bs, residual=rc)
                 w = ops.quantize(x, fmt, bs, stochastic=True, seed=9, offset=bs, residual=r)
                 assert torch.equal(wc.cpu(), w) and torch.equal(rc.cpu(), r), (n, bs, dtype)
-            wires = torch.stack([w, w.flip(0)]) if fmt == "int8" else torch.stack([w, w])
+            w2 = ops.quantize(_randn(n, torch.float32, "cpu", seed=n + bs + 1), fmt, bs)
+            wires = torch.stack([w, w2, w])
             assert torch.equal(ops.reduce_quantized(wires.to(device), n, fmt, bs).cpu(),
                                ops.reduce_quantized(wires, n, fmt, bs))
+            r = torch.randn(n) * 0.1
+            rc = r.to(device)
+            wc = ops.reduce_quantized(wires.to(device), n, fmt, bs, scale=0.5, requantize=True, residual=rc,
+                                      stochastic=True, seed=1, offset=n)
+            w = ops.reduce_quantized(wires, n, fmt, bs, scale=0.5, requantize=True, residual=r, stochastic=True,
+                                     seed=1, offset=n)
+            assert torch.equal(wc.cpu(), w) and torch.equal(rc.cpu(), r), (n, bs)
+            d = torch.randn(n, dtype=torch.bfloat16)
+            dc = d.to(device)
+            ops.dequantize(wc, n, fmt, bs, out=dc, scale=0.25, accumulate=True)
+            ops.dequantize(w, n, fmt, bs, out=d, scale=0.25, accumulate=True)
+            assert torch.equal(dc.cpu(), d)
+
+
+_BASELINE_ISA_SCRIPT = """
+import torch
+from pyperf import _reference as R, ops
+for fmt in ops.QUANT_FORMATS:
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(3001) * 5).to(dtype)
+        r = torch.randn(3001) * 0.1
+        rr = r.clone()
+        w = ops.quantize(x, fmt, 64, stochastic=True, seed=3, residual=r)
+        assert torch.equal(w, R.quantize(x, fmt, 64, stochastic=True, seed=3, residual=rr)) and torch.equal(r, rr)
+        assert torch.equal(ops.dequantize(w, 3001, fmt, 64, out_dtype=dtype), R.dequantize(w, 3001, fmt, 64, out_dtype=dtype))
+        ws = torch.stack([w, w, w])
+        assert torch.equal(ops.reduce_quantized(ws, 3001, fmt, 64, scale=0.3), R.reduce_quantized(ws, 3001, fmt, 64, scale=0.3))
+print("ok")
+"""
+
+
+def test_cpu_baseline_isa_matches_reference():
+    # the CPU kernels are also built for AVX2 and picked at run time; check the baseline (SSE2) build as well
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYPERF_NO_AVX2="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", _BASELINE_ISA_SCRIPT], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
 # ---- torch.library contract ----

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -50,8 +51,9 @@ template <typename Body>
 __attribute__((target("avx2"))) void run_avx2(const Body& body, int64_t b0, int64_t b1) {
   body(b0, b1);
 }
+// PYPERF_NO_AVX2=1 forces the baseline build (the tests run it too).
 inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
+  static const bool has = __builtin_cpu_supports("avx2") && std::getenv("PYPERF_NO_AVX2") == nullptr;
   return has;
 }
 #else
@@ -131,7 +133,8 @@ PYPERF_CPU_INLINE void quantize_staged_block(const float* v, int64_t n, int64_t 
       for (int k = 0; k < 4; ++k) u[g + k] = philox_to_uniform(r.x[k]);
     }
   }
-  uint8_t codes[kMaxBlock];
+  uint8_t codes_int4[F == kInt4 ? kMaxBlock : 1];
+  uint8_t* codes = F == kInt4 ? codes_int4 : payload;  // int8/fp8 codes are the payload bytes
   for (int64_t i = 0; i < block_size; ++i) {
     codes[i] = static_cast<uint8_t>(encode<F>(v[i], inv, SR, SR ? u[i] : 0.0f));
   }
@@ -140,8 +143,6 @@ PYPERF_CPU_INLINE void quantize_staged_block(const float* v, int64_t n, int64_t 
   }
   if constexpr (F == kInt4) {
     for (int64_t j = 0; j < block_size / 2; ++j) payload[j] = pack_int4(codes[2 * j], codes[2 * j + 1]);
-  } else {
-    std::memcpy(payload, codes, static_cast<size_t>(block_size));
   }
 }
 
@@ -172,12 +173,18 @@ void quantize_into_cpu(const at::Tensor& x, c10::string_view fmt, int64_t block_
             for (int64_t b = b0; b < b1; ++b) {
               const int64_t first = b * block_size;
               const int64_t n = std::min(block_size, w.numel - first);
-              for (int64_t i = 0; i < n; ++i) {
-                float xi = static_cast<float>(xp[first + i]);
-                v[i] = EF ? add_rn(xi, res[first + i]) : xi;
+              const float* vb = v;
+              if constexpr (std::is_same_v<scalar_t, float> && !EF) {
+                if (n == block_size) vb = xp + first;  // a whole fp32 block needs no staging copy
               }
-              for (int64_t i = n; i < block_size; ++i) v[i] = 0.0f;
-              quantize_staged_block<F, SR, EF>(v, n, block_size, first, s, o, wire + 4 * b,
+              if (vb == v) {
+                for (int64_t i = 0; i < n; ++i) {
+                  float xi = static_cast<float>(xp[first + i]);
+                  v[i] = EF ? add_rn(xi, res[first + i]) : xi;
+                }
+                for (int64_t i = n; i < block_size; ++i) v[i] = 0.0f;
+              }
+              quantize_staged_block<F, SR, EF>(vb, n, block_size, first, s, o, wire + 4 * b,
                                                wire + w.payload_offset + b * payload_bytes_per_block(w.fmt, block_size),
                                                EF ? res + first : nullptr, dec);
             }
@@ -264,14 +271,21 @@ template <int F>
 PYPERF_CPU_INLINE void stage_sum(const uint8_t* wp, int64_t W, const WireLayout& w, int64_t b, int64_t n, float uscale,
                       const Decoder<F>& dec, float* v) {
   const int64_t bs = w.block_size;
-  float tmp[kMaxBlock];
   for (int64_t i = 0; i < bs; ++i) v[i] = 0.0f;
   for (int64_t r = 0; r < W; ++r) {
     const uint8_t* row = wp + r * w.bytes;
     float s;
     std::memcpy(&s, row + 4 * b, sizeof(float));
-    decode_block<F>(row + w.payload_offset + b * payload_bytes_per_block(w.fmt, bs), bs, s, dec, tmp);
-    for (int64_t i = 0; i < bs; ++i) v[i] = add_rn(v[i], tmp[i]);
+    const uint8_t* payload = row + w.payload_offset + b * payload_bytes_per_block(w.fmt, bs);
+    if constexpr (F == kInt4) {
+      for (int64_t j = 0; j < bs / 2; ++j) {
+        const uint32_t byte = payload[j];
+        v[2 * j] = add_rn(v[2 * j], mul_rn(dec(byte & 0xfu), s));
+        v[2 * j + 1] = add_rn(v[2 * j + 1], mul_rn(dec(byte >> 4), s));
+      }
+    } else {
+      for (int64_t i = 0; i < bs; ++i) v[i] = add_rn(v[i], mul_rn(dec(payload[i]), s));
+    }
   }
   for (int64_t i = 0; i < n; ++i) v[i] = mul_rn(v[i], uscale);
   for (int64_t i = n; i < bs; ++i) v[i] = 0.0f;  // padding is 0, even in a NaN block (as on CUDA)
