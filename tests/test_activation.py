@@ -108,6 +108,31 @@ def test_dropout_mask_matches_reference_philox_bit_for_bit(device):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_mask_same_on_cpu_and_device(device, dtype):
+    """The documented contract: same (seed, offset) -> the same mask on CPU and CUDA (vectorized and scalar
+    CUDA paths: hidden a multiple of the vector width or not)."""
+    for shape in [(5, 1031), (3, 4096), (2, 3, 136)]:
+        ones = torch.ones(shape, dtype=dtype)
+        ref = ops.bias_dropout_residual(ones, None, torch.zeros_like(ones), 0.3, 77, 9)
+        got = ops.bias_dropout_residual(ones.to(device), None, torch.zeros_like(ones).to(device), 0.3, 77, 9)
+        assert torch.equal(got.cpu(), ref)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_bias_grads_are_deterministic(device):
+    x = rand((300, 520), torch.float32, device)
+    g = rand((300, 520), torch.float32, device)
+    b = rand((520,), torch.float32, device)
+    L = torch.ops.pyperf
+    for _ in range(2):
+        runs = [L.bias_gelu_backward(g, x, b, "tanh", True)[1] for _ in range(3)]
+        runs += [L.bias_dropout_residual_backward(g, 0.2, 3, 4, True)[1] for _ in range(3)]
+        assert all(torch.equal(runs[i], runs[0]) for i in range(3))
+        assert all(torch.equal(runs[i], runs[3]) for i in range(3, 6))
+
+
+@pytest.mark.parametrize("device", devices())
 def test_dropout_same_mask_in_forward_and_backward(device):
     x = torch.ones(9, 257, device=device, requires_grad=True)
     b = torch.zeros(257, device=device, requires_grad=True)
@@ -457,3 +482,23 @@ def test_compile_keeps_the_seed_symbolic():
     for s in range(6):
         assert torch.equal(f(x, r, 100 + s), ops.bias_dropout_residual(x, None, r, 0.5, 100 + s, 0))
     assert cnt.frame_count <= 2   # the first (static) compile, then one dynamic one
+
+
+def test_benchmark_cases_run():
+    """benchmarks/bench_activation.py builds its cases and the pyperf and eager impls run (no timing here)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "bench_activation.py")
+    spec = importlib.util.spec_from_file_location("bench_activation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod._shapes = lambda device, quick: [(16, 64)]   # the plumbing, not the sizes
+    mod._compiled = lambda fn: None                   # torch.compile's import alone takes seconds
+    cases = mod.cases("cpu", torch.float32, True)
+    assert len(cases) == 9 and all(c.bytes > 0 for c in cases)
+    for c in cases:
+        inputs = c.setup()
+        for name, fn in c.impls.items():
+            fn(inputs)
+            fn(inputs)   # bwd-only impls reuse their retained graph

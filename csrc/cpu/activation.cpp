@@ -136,11 +136,6 @@ template <typename A>
 PYPERF_MATH A silu_fwd(A x) {
   return x / (A(1) + exp_of(-x));
 }
-template <typename A>
-PYPERF_MATH A silu_bwd(A x) {
-  A s = A(1) / (A(1) + exp_of(-x));
-  return s * (A(1) + x * (A(1) - s));
-}
 
 // ---- tile loops (the hot loops; float versions are compiled per ISA) ---------------------------------------
 
