@@ -164,6 +164,10 @@ def _rank_main(rank, W, nbytes, impls, iters, out_dir):
     if rank == 0:
         with open(os.path.join(out_dir, "res.json"), "w") as f:
             json.dump(res, f)
+    dist.barrier()          # every callback has run: free the hook states here, on the main thread
+    _KEEP.clear()
+    import gc
+    gc.collect()
 
 
 def measure_all(W, nbytes, impls, iters):

@@ -8,9 +8,9 @@ PyTorch data-parallel training.
 """
 import torch  # noqa: F401  (torch must be imported before _C: it provides the symbols _C links against)
 
-from pyperf._load import BuildError, load as _load
+from pyperf._load import BuildError, load as _load_extension
 
-_C = _load()
+_C = _load_extension()
 __version__ = _C.VERSION
 
 from pyperf import ops  # noqa: E402,F401  (registers fakes and autograd for every op)
@@ -18,7 +18,9 @@ from pyperf import ops  # noqa: E402,F401  (registers fakes and autograd for eve
 
 def build_info():
     """Versions, the backends and CUDA archs this build has, and the registered ops."""
-    ops_names = sorted(n for n in dir(torch.ops.pyperf) if not n.startswith("_") and n not in ("name", "_dir"))
+    # dir(torch.ops.pyperf) lists only ops already looked up; the dispatcher knows every registered one.
+    ops_names = sorted({n.split("::", 1)[1].split(".", 1)[0] for n in torch._C._dispatch_get_all_op_names()
+                        if n.startswith("pyperf::")})
     return {
         "pyperf": __version__,
         "torch": torch.__version__,

@@ -4,6 +4,36 @@ import math  # noqa: F401
 
 import torch  # noqa: F401
 
+# ---- shared: Philox (stochastic rounding and dropout draw from the same stream) -----------------------------
+
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def philox_uniform(seed, offset, n, device="cpu"):
+    """The Philox4x32-10 uniforms of elements 0..n-1 under (seed, offset), in plain torch (the convention of
+    csrc/include/pyperf/philox.h: element i uses counter {i/4, (i/4)>>32, offset, offset>>32}, key {seed,
+    seed>>32}, lane i%4, uniform = (r >> 8) * 2^-24). int64 products wrap mod 2^64, so their bits are the uint64
+    products the kernels compute."""
+    seed &= _U64
+    offset &= _U64
+    groups = (n + 3) // 4
+    g = torch.arange(groups, dtype=torch.int64, device=device)
+    c0, c1 = g & _U32, (g >> 32) & _U32
+    c2 = torch.full_like(g, offset & _U32)
+    c3 = torch.full_like(g, offset >> 32)
+    k0, k1 = seed & _U32, seed >> 32
+    for _ in range(10):
+        p0 = c0 * 0xD2511F53
+        p1 = c2 * 0xCD9E8D57
+        hi0, lo0 = (p0 >> 32) & _U32, p0 & _U32
+        hi1, lo1 = (p1 >> 32) & _U32, p1 & _U32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _U32, (k1 + 0xBB67AE85) & _U32
+    r = torch.stack([c0, c1, c2, c3], dim=1).reshape(-1)[:n]
+    return (r >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
 # ---- pack ----------------------------------------------------------------------------------------------------
 
 
@@ -59,33 +89,6 @@ def _quant_qmax(fmt):
     if fmt not in _QMAX:
         raise ValueError("fmt: expected one of %s, got %r" % (", ".join(_QMAX), fmt))
     return _QMAX[fmt]
-
-
-def _mulhilo32(a, b):
-    """(lo, hi) 32-bit halves of a * b for an int64 tensor a in [0, 2^32) and a Python int b < 2^32."""
-    p1 = a * (b & 0xFFFF)                    # < 2^48
-    p2 = a * (b >> 16)                       # < 2^48
-    lo = (p1 + ((p2 & 0xFFFF) << 16)) & _M32
-    hi = (p2 + (p1 >> 16)) >> 16
-    return lo, hi
-
-
-def philox_uniform(n, seed, offset, device="cpu"):
-    """The [0, 1) uniforms of elements 0..n-1 under (seed, offset): pyperf/philox.h in plain torch."""
-    seed &= (1 << 64) - 1
-    offset &= (1 << 64) - 1
-    g = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
-    c0, c1 = g & _M32, g >> 32
-    c2 = torch.full_like(g, offset & _M32)
-    c3 = torch.full_like(g, offset >> 32)
-    k0, k1 = seed & _M32, seed >> 32
-    for _ in range(10):
-        lo0, hi0 = _mulhilo32(c0, 0xD2511F53)
-        lo1, hi1 = _mulhilo32(c2, 0xCD9E8D57)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
-    r = torch.stack([c0, c1, c2, c3], dim=1).reshape(-1)[:n]
-    return (r >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
 def _round_to_int(t, stochastic, u):
@@ -160,7 +163,7 @@ def _quantize_blocks(v, numel, fmt, block_size, stochastic, seed, offset, residu
     inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, 1.0), 0.0)   # inv_block_scale
     t = torch.where(ok, blocks * inv[:, None], 0.0)
     if stochastic:
-        u = philox_uniform(nb * block_size, seed, offset, v.device) if uniform is None else uniform
+        u = philox_uniform(seed, offset, nb * block_size, v.device) if uniform is None else uniform
         u = u.reshape(-1)
         u = torch.cat([u, u.new_zeros(nb * block_size - u.numel())]).view(nb, block_size)
     else:
@@ -319,34 +322,6 @@ def bias_gelu(x, bias=None, approximate="tanh"):
     """gelu(x + bias) over the last dim."""
     v = _acc(x) + (_acc(bias) if bias is not None else 0)
     return torch.nn.functional.gelu(v, approximate=_GELU_APPROX[approximate]).to(x.dtype)
-
-
-_U32 = 0xFFFFFFFF
-_U64 = 0xFFFFFFFFFFFFFFFF
-
-
-def philox_uniform(seed, offset, n, device="cpu"):
-    """The Philox4x32-10 uniforms of elements 0..n-1 under (seed, offset), in plain torch (the convention of
-    csrc/include/pyperf/philox.h: element i uses counter {i/4, (i/4)>>32, offset, offset>>32}, key {seed,
-    seed>>32}, lane i%4, uniform = (r >> 8) * 2^-24). int64 products wrap mod 2^64, so their bits are the uint64
-    products the kernels compute."""
-    seed &= _U64
-    offset &= _U64
-    groups = (n + 3) // 4
-    g = torch.arange(groups, dtype=torch.int64, device=device)
-    c0, c1 = g & _U32, (g >> 32) & _U32
-    c2 = torch.full_like(g, offset & _U32)
-    c3 = torch.full_like(g, offset >> 32)
-    k0, k1 = seed & _U32, seed >> 32
-    for _ in range(10):
-        p0 = c0 * 0xD2511F53
-        p1 = c2 * 0xCD9E8D57
-        hi0, lo0 = (p0 >> 32) & _U32, p0 & _U32
-        hi1, lo1 = (p1 >> 32) & _U32, p1 & _U32
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + 0x9E3779B9) & _U32, (k1 + 0xBB67AE85) & _U32
-    r = torch.stack([c0, c1, c2, c3], dim=1).reshape(-1)[:n]
-    return (r >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
 def dropout_scale(p, seed, offset, shape, device="cpu"):

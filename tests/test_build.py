@@ -13,6 +13,7 @@ def test_build_info():
     assert info["torch"] == torch.__version__
     assert info["built_against_torch"] == torch.__version__
     assert "cpu" in info["backends"]
+    assert {"pack", "unpack", "quantize", "dequantize"} <= set(info["ops"]), info["ops"]
     if "cuda" in info["backends"]:
         assert info["cuda_archs"], "a CUDA build must record its archs"
 

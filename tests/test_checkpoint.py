@@ -223,7 +223,8 @@ def test_memory_budget_loose_keeps_blocks_unchecked_and_percent_works():
     plan = checkpoint_blocks(stack, memory_budget=10 * 2**30, example_inputs=(x,), reps=1)
     assert plan.policies == ["none", "none"]
     plan = checkpoint_blocks(stack, memory_budget="30%", example_inputs=(x,), reps=1, policy="full")
-    assert plan.policies == ["full", "full"] or plan.saved_bytes <= 0.3 * sum(s.saved["none"] for s in plan.stats)
+    assert plan.policies == ["full", "full"]                 # one unchecked block alone is ~50% of the total
+    assert plan.budget == pytest.approx(0.3 * sum(s.saved["none"] for s in plan.stats))
     assert plan.saved_bytes <= plan.budget
 
 

@@ -14,8 +14,7 @@ reduced wire for the all-gather, which needs equal sizes. World size 1 is an exa
 is quantized). The result is deterministic: the sum runs in fixed rank order, and which rank reduces a block does not
 change a bit of its result.
 """
-import math
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -188,8 +187,9 @@ def quantized_all_reduce(tensor, fmt="int8", *, block_size=256, group=None, op="
     torch.futures.Future of it with async_op=True.
 
     op: "mean" or "sum". stochastic/seed/offset: stochastic rounding from Philox keyed by (seed, rank, chunk) and
-    `offset`; use a fresh offset per call (e.g. the step number). residual (fp32, padded_numel(numel, W, block_size) elements) and server_residual
-    (fp32, chunk_numel(numel, W, block_size) elements): error-feedback state, updated in place; pass zeros first.
+    `offset`; use a fresh offset per call (e.g. the step number). residual (fp32, padded_numel(numel, W,
+    block_size) elements) and server_residual (fp32, chunk_numel(numel, W, block_size) elements): error-feedback
+    state, updated in place; pass zeros first.
     Error bound (deterministic rounding, no error feedback), per element of block b:
     |out - exact| <= (mean_r amax_r(b) + amax_mean(b)) / (2 qmax) for int8/int4 (qmax 127 / 7); fp8 keeps a
     relative error of 2^-4 (e4m3) / 2^-3 (e5m2) per stage.
