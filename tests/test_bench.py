@@ -202,16 +202,20 @@ def test_netns_topology_setup_and_cleanup():
                             capture_output=True, text=True).stdout
         assert "tbf" in qd and "1Gbit" in qd
         # a TCP round trip from rank 1's namespace to rank 0's address, through the bridge
-        server = subprocess.Popen(topo.exec_prefix(0) + [sys.executable, "-c", textwrap.dedent('''
-                        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("%s", 29411)); s.listen(1); print("ready", flush=True)
-            c, _ = s.accept(); c.sendall(c.recv(16)[::-1]); c.close()
-        ''' % topo.addrs[0])], stdout=subprocess.PIPE, text=True)
+        server_code = "\n".join([
+            "import socket",
+            "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)",
+            "s.bind(('%s', 29411)); s.listen(1); print('ready', flush=True)" % topo.addrs[0],
+            "c, _ = s.accept(); c.sendall(c.recv(16)[::-1]); c.close()"])
+        client_code = "\n".join([
+            "import socket",
+            "c = socket.create_connection(('%s', 29411), timeout=20)" % topo.addrs[0],
+            "c.sendall(b'abc'); print(c.recv(16).decode())"])
+        server = subprocess.Popen(topo.exec_prefix(0) + [sys.executable, "-c", server_code], stdout=subprocess.PIPE,
+                                  text=True)
         assert server.stdout.readline().strip() == "ready"
-        client = subprocess.run(topo.exec_prefix(1) + [sys.executable, "-c", textwrap.dedent('''
-                        c = socket.create_connection(("%s", 29411), timeout=20)
-            c.sendall(b"abc"); print(c.recv(16).decode())
-        ''' % topo.addrs[0])], capture_output=True, text=True, timeout=60)
+        client = subprocess.run(topo.exec_prefix(1) + [sys.executable, "-c", client_code], capture_output=True,
+                                text=True, timeout=60)
         server.wait(timeout=30)
         assert client.stdout.strip() == "cba", client.stderr
         topo.set_rate(None)
