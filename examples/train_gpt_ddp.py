@@ -90,69 +90,18 @@ def _pyperf_feature(module, what):
                          "without that option." % (what, module, e))
 
 
-class Attention(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.h = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class Block(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d)
-        self.attn = Attention(d, heads)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc = nn.Linear(d, 4 * d)
-        self.proj = nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.proj(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
-
-
-class TinyGPT(nn.Module):
-    """Plain-torch GPT-2-style model (the fallback when pyperf.models.gpt is not available)."""
-
-    def __init__(self, vocab, seq_len, d, layers, heads):
-        super().__init__()
-        self.wte = nn.Embedding(vocab, d)
-        self.wpe = nn.Embedding(seq_len, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-        self.head.weight = self.wte.weight
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def forward(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-        for b in self.blocks:
-            x = b(x)
-        return self.head(self.ln_f(x))
-
-
 def build_model(args):
-    if args.fused:
-        _pyperf_feature("pyperf.nn", "--fused")
-        raise SystemExit("--fused: pyperf's fused layers are not wired into this demo yet; run with --no-fused")
-    model = TinyGPT(256, args.seq_len, args.d_model, args.layers, args.heads)
+    """pyperf's GPT (pyperf.models.gpt): torch layers, or pyperf's fused ones with --fused; blocks wrapped by
+    pyperf.checkpoint with --checkpoint selective|full."""
+    gpt = _pyperf_feature("pyperf.models.gpt", "the demo's model")
+    if args.fused and not gpt.fused_layers_available():
+        raise SystemExit("--fused needs pyperf.nn's fused layers (FusedLayerNorm, BiasGeLU, BiasDropoutResidual), "
+                         "which this pyperf build does not have; rebuild pyperf or run with --no-fused")
+    model = gpt.GPT(gpt.GPTConfig(vocab=256, d_model=args.d_model, n_heads=args.heads, n_layers=args.layers,
+                                  seq_len=args.seq_len, dropout=args.dropout, fused=args.fused))
     if args.checkpoint != "none":
-        _pyperf_feature("pyperf.checkpoint", "--checkpoint %s" % args.checkpoint)
-        raise SystemExit("--checkpoint: pyperf.checkpoint is not wired into this demo yet; use --checkpoint none")
+        ckpt = _pyperf_feature("pyperf.checkpoint", "--checkpoint %s" % args.checkpoint)
+        ckpt.checkpoint_blocks(model, policy=args.checkpoint)
     return model
 
 
@@ -184,7 +133,7 @@ class TorchHookState:
             sent = fp32 / 2
         else:
             sent = ring * self.psgd_numel * 4
-        return {"bytes_sent": sent * self.steps, "bytes_fp32": fp32 * self.steps, "estimated": True}
+        return {"bytes_sent": sent * self.steps, "bytes_fp32_ring": fp32 * self.steps, "estimated": True}
 
     def state_dict(self):
         sd = {"steps": self.steps}
@@ -213,15 +162,18 @@ def register_hook(ddp, kind, world_size, seed):
             ddp.register_comm_hook(st.torch_state, powerSGD_hook.powerSGD_hook)
         return st
     hooks = _pyperf_feature("pyperf.hooks", "--hook %s" % kind)
-    return hooks.register(ddp, kind)
+    return hooks.register(ddp, kind, seed=seed) if kind in ("int8", "int4", "fp8") else hooks.register(ddp, kind)
+
+
+def stats_dict(state):
+    s = state.stats if state is not None else {}
+    return s.as_dict() if hasattr(s, "as_dict") else dict(s)
 
 
 def stat_bytes(state):
-    """(bytes sent so far, bytes an fp32 all-reduce would have sent) from a hook state's stats."""
-    s = state.stats if state is not None else {}
-    sent = s.get("bytes_sent", s.get("bytes", float("nan")))
-    ref = s.get("bytes_fp32", s.get("fp32_bytes", float("nan")))
-    return float(sent), float(ref)
+    """(bytes sent so far, bytes an fp32 ring all-reduce would have sent) from a hook state's stats."""
+    s = stats_dict(state)
+    return float(s.get("bytes_sent", float("nan"))), float(s.get("bytes_fp32_ring", s.get("bytes_fp32", "nan")))
 
 
 # ----------------------------------------------------------------------------------------------------------- train
@@ -364,14 +316,14 @@ def train(args, hook, rank, world, device, corpus):
     med = sorted(times[skip:])[len(times[skip:]) // 2] if times else float("nan")
     steady = sent_steps[skip:] or [float("nan")]
     sent_per_step = sorted(steady)[len(steady) // 2]
-    fp32_per_step = 2.0 * (world - 1) / world * 4 * sum(p.numel() for p in model.parameters())
+    fp32_per_step = 2.0 * (world - 1) / world * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
     tail = losses[-max(1, min(10, len(losses) // 5)):]
     return {"hook": hook, "losses": losses, "step_times": times, "median_step_s": med,
             "tokens_per_s": tokens_per_step / med if med == med and med > 0 else float("nan"),
             "bytes_per_step": sent_per_step, "fp32_bytes_per_step": fp32_per_step,
             "final_loss": sum(tail) / len(tail) if tail else float("nan"),
             "params": sum(p.numel() for p in model.parameters()), "world_size": world,
-            "stats": _jsonable(state.stats) if state is not None else {}}
+            "stats": _jsonable(stats_dict(state))}
 
 
 def fmt_bytes(b):
@@ -470,14 +422,15 @@ def _spawned(rank, world, args, port):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hook", default="allreduce", choices=HOOKS + TORCH_HOOKS,
                    help="gradient communication (pyperf.hooks kinds; torch-fp16/torch-powersgd are torch's own)")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="pyperf's fused norm/activation layers instead of torch.nn's")
     p.add_argument("--checkpoint", default="none", choices=["none", "selective", "full"],
                    help="activation checkpointing per block (pyperf.checkpoint)")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--world-size", type=int, default=2, help="ranks to spawn on CPU (ignored under torchrun)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per rank per step")
@@ -485,6 +438,7 @@ def parse_args(argv=None):
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--bucket-cap-mb", type=float, default=25.0)
     p.add_argument("--data-bytes", type=int, default=8 << 20, help="bytes of stdlib source to train on")

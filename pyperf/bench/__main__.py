@@ -35,6 +35,10 @@ def build_parser():
                    "accept sizes)")
     p.add_argument("--filter", default=None, help="only cases whose name contains this")
     p.add_argument("--quick", action="store_true", help="small sizes and short timing (smoke test)")
+    p.add_argument("--once", action="store_true", help="call every impl once, untimed warm-up-free (a smoke test "
+                   "that every case runs; the figures mean nothing)")
+    p.add_argument("--skip-impl", default="", help="comma-separated substrings: impls whose name contains one "
+                   "are reported as skipped without running (e.g. compile)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="write all records (with the environment) to this JSON file")
     p.add_argument("--csv", default=None, help="write all records (with the environment) to this CSV file")
@@ -77,14 +81,15 @@ def main(argv=None):
     print("pyperf-bench on %s | torch %s%s | pyperf %s | git %s | %d threads | %s" % (
         env["device_name"], env["torch"], (" CUDA " + env["cuda"]) if env["cuda"] else "", env["pyperf"],
         env["git_sha"] or "?", env["threads"], env["date"]))
-    limit = timing.measure_copy_bandwidth(device, quick=args.quick)
+    limit = timing.measure_copy_bandwidth(device, quick=args.quick or args.once)
     print("measured copy bandwidth: %.1f GB/s (%d MiB tensor copy, read+write)" % (
         limit["copy_gbps"], limit["copy_bytes"] >> 20))
     print("%d cases, %d timings%s" % (len(cases), sum(len(c.impls) for c in cases),
                                        " (quick)" if args.quick else ""), flush=True)
 
     records = runner.run(cases, device, limit["copy_gbps"], quick=args.quick, threads=args.threads,
-                         show_progress=not args.no_progress)
+                         show_progress=not args.no_progress, once=args.once,
+                         skip=[x for x in args.skip_impl.split(",") if x])
     print()
     print(report.table(records, limit["copy_gbps"]))
     skipped = [r for r in records if r["status"] != "ok"]

@@ -81,13 +81,20 @@ def collect(targets, device, dtype, quick, sizes=None, name_filter=None):
             mod = load_module(path)
             kwargs = {}
             params = inspect.signature(mod.cases).parameters
+            # a module whose cases() has a dtype default gets it when no --dtype was asked for
+            dparam = params.get("dtype")
+            call_dtype = () if dtype is None and dparam is not None and dparam.default is not inspect.Parameter.empty \
+                else (dtype,)
             if sizes is not None:
                 if "sizes" in params:
                     kwargs["sizes"] = sizes
                 else:
                     problems.append((group, os.path.basename(path), "--sizes ignored: this module's cases() has "
                                      "no `sizes` parameter"))
-            got = list(mod.cases(device, dtype, quick, **kwargs))
+            if call_dtype:
+                got = list(mod.cases(device, *call_dtype, quick=quick, **kwargs))
+            else:
+                got = list(mod.cases(device, quick=quick, **kwargs))
         except Exception as e:
             problems.append((group, os.path.basename(path), "%s: %s" % (type(e).__name__, e)))
             continue
@@ -106,13 +113,14 @@ def _short_reason(e):
     return "%s: %s" % (type(e).__name__, msg[0][:200] if msg else "")
 
 
-def run_case(case, device, limit_gbps, quick=False, threads=None, llc=None, progress=None):
-    """All impls of one case -> list of records (one per impl)."""
+def run_case(case, device, limit_gbps, quick=False, threads=None, llc=None, progress=None, once=False, skip=()):
+    """All impls of one case -> list of records (one per impl). Impls whose name contains a `skip` pattern are
+    recorded as skipped without running."""
     records = []
     base = {"group": case.group, "case": case.name, "bytes": int(case.bytes), "extra": dict(case.extra)}
     try:
         first = case.setup()
-        n_sets = timing.rotation_count(case.bytes, llc) if case.rotate else 1
+        n_sets = timing.rotation_count(case.bytes, llc) if case.rotate and not once else 1
         inputs = [first] + [case.setup() for _ in range(n_sets - 1)]
     except Exception as e:
         for impl in case.impls:
@@ -122,8 +130,15 @@ def run_case(case, device, limit_gbps, quick=False, threads=None, llc=None, prog
         return records
     for impl, fn in case.impls.items():
         rec = dict(base, impl=impl, rotation_sets=len(inputs))
+        pat = next((p for p in skip if p and p in impl), None)
+        if pat is not None:
+            rec.update(status="skipped", reason="excluded by --skip-impl %s" % pat)
+            records.append(rec)
+            if progress:
+                progress.update("%s | %s excluded" % (case.name, impl))
+            continue
         try:
-            r = timing.time_impl(fn, inputs, device, quick=quick, threads=threads)
+            r = timing.time_impl(fn, inputs, device, quick=quick, threads=threads, once=once)
             rec.update(r)
             rec["status"] = "ok"
             rec["reason"] = ""
@@ -153,12 +168,13 @@ def run_case(case, device, limit_gbps, quick=False, threads=None, llc=None, prog
     return records
 
 
-def run(cases, device, limit_gbps, quick=False, threads=None, show_progress=True):
+def run(cases, device, limit_gbps, quick=False, threads=None, show_progress=True, once=False, skip=()):
     llc = timing.cache_bytes(device)
     total = sum(len(c.impls) for c in cases)
     prog = Progress(total, label="pyperf-bench ", enabled=show_progress)
     records = []
     for c in cases:
-        records.extend(run_case(c, device, limit_gbps, quick=quick, threads=threads, llc=llc, progress=prog))
+        records.extend(run_case(c, device, limit_gbps, quick=quick, threads=threads, llc=llc, progress=prog,
+                                once=once, skip=skip))
     prog.close()
     return records

@@ -119,7 +119,18 @@ def time_cpu(fn, inputs, warmup=2, blocks=25, budget_s=1.0, threads=None):
     return out
 
 
-def time_impl(fn, inputs, device, quick=False, threads=None):
+def time_once(fn, inputs, device):
+    """One call, no warm-up (smoke tests: does every impl run?)."""
+    synchronize(device)
+    t = time.perf_counter()
+    fn(inputs[0])
+    synchronize(device)
+    return _summary([time.perf_counter() - t])
+
+
+def time_impl(fn, inputs, device, quick=False, threads=None, once=False):
+    if once:
+        return time_once(fn, inputs, device)
     if device.startswith("cuda"):
         return time_cuda(fn, inputs, warmup=3 if quick else 10, reps=20 if quick else 200,
                          budget_s=0.2 if quick else 1.0)
