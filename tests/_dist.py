@@ -6,6 +6,7 @@
 
 A failure on any rank fails the test with that rank's traceback.
 """
+import gc
 import os
 import socket
 import tempfile
@@ -31,7 +32,11 @@ def _entry(rank, fn, world_size, port, backend, err_dir, args):
         try:
             fn(rank, world_size, *args)
         finally:
+            # Drop DDP models, hook states and futures (which hold the process group) on this thread first: the
+            # last reference to a Gloo group released on one of its own worker threads aborts the process.
+            gc.collect()
             dist.destroy_process_group()
+            gc.collect()
     except BaseException:
         with open(os.path.join(err_dir, "rank%d.txt" % rank), "w") as f:
             f.write(traceback.format_exc())
