@@ -2,6 +2,7 @@
 view, static graph, unused parameters, no_sync, bf16 parameters), error feedback over 50 steps, GradScaler skips,
 bit-identical checkpoint/resume, independence from DDP's bucket layout, statistics, bad input, convergence."""
 import copy
+import gc
 
 import pytest
 import torch
@@ -162,16 +163,20 @@ def _body_errors(rank, W):
 
 
 def test_kinds_within_bound_of_allreduce_2_ranks():
-    run_ranks(_body_kinds, 2)
+    run_ranks(_run_all, 2, [_body_kinds])
 
 
 def test_ddp_modes_stats_and_errors_2_ranks():
     run_ranks(_run_all, 2, [_body_variants, _body_stats, _body_errors])
 
 
-def _run_all(rank, W, bodies):
+def _run_all(rank, W, bodies, *args):
     for b in bodies:
-        b(rank, W)
+        b(rank, W, *args)
+    # DDP models sit in reference cycles: collect them (and the process groups they hold) now, on this thread,
+    # before the harness destroys the default group; left to interpreter exit, a Gloo group's threads can be torn
+    # down without a join (an occasional SIGABRT "terminate called without an active exception")
+    gc.collect()
 
 
 # ---- error feedback, GradScaler -----------------------------------------------------------------------------------
@@ -289,12 +294,12 @@ def _body_resume_layout(rank, W, configs):
 
 
 def test_resume_bit_identical_and_layout_independent_2_ranks():
-    run_ranks(_body_resume_layout, 2, RESUME_CONFIGS)
+    run_ranks(_run_all, 2, [_body_resume_layout], RESUME_CONFIGS)
 
 
 def test_resume_bit_identical_and_layout_independent_4_ranks():
     # the hardest config only (stochastic rounding + both error feedbacks; 4 ranks own blocks round-robin)
-    run_ranks(_body_resume_layout, 4, RESUME_CONFIGS[:1])
+    run_ranks(_run_all, 4, [_body_resume_layout], RESUME_CONFIGS[:1])
 
 
 # ---- convergence --------------------------------------------------------------------------------------------------
@@ -329,4 +334,4 @@ def _body_converge(rank, W, out):
 
 @pytest.mark.slow
 def test_convergence_300_steps_2_ranks():
-    run_ranks(_body_converge, 2, {})
+    run_ranks(_run_all, 2, [_body_converge], {})
