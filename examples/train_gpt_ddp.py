@@ -364,11 +364,17 @@ def plot_losses(path, results, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in results:
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label="%s (%.3f)" % (r["hook"], r["final_loss"]),
-                lw=1.2)
+    for i, r in enumerate(results):
+        xs = range(1, len(r["losses"]) + 1)
+        ema, smooth = 0.0, []
+        for t, v in enumerate(r["losses"], 1):  # one batch per point is noisy: raw losses faint, a bias-corrected
+            ema = 0.9 * ema + 0.1 * v             # exponential moving average solid
+            smooth.append(ema / (1 - 0.9 ** t))
+        color = "C%d" % (i % 10)
+        ax.plot(xs, r["losses"], color=color, lw=0.6, alpha=0.25)
+        ax.plot(xs, smooth, color=color, lw=1.6, label="%s (final %.3f)" % (r["hook"], r["final_loss"]))
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/byte, rank 0)")
+    ax.set_ylabel("training loss, nats/byte (rank 0; solid: moving average)")
     ax.set_title("GPT d=%d L=%d on stdlib sources, %d ranks, seed %d" % (args.d_model, args.layers,
                                                                          results[0]["world_size"], args.seed))
     ax.legend()

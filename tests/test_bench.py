@@ -156,10 +156,12 @@ def test_every_benchmark_module_runs_once(fname, tmp_path):
     """Each case of benchmarks/bench_X.py, every impl called once at the quick size on CPU: valid JSON, and an impl
     that cannot run here is reported as skipped with a reason (never a crash). torch.compile baselines are left
     out: compiling them on 2 CPU cores takes minutes (they run in the real benchmark)."""
-    j = tmp_path / "r.json"
+    j, c, png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
     rc = main([os.path.join(ROOT, "benchmarks", fname), "--device", "cpu", "--quick", "--once", "--json", str(j),
-               "--no-progress", "--skip-impl", "compile"])
+               "--csv", str(c), "--plot", str(png), "--no-progress", "--skip-impl", "compile"])
     assert rc == 0
+    assert len(list(csv.DictReader(io.StringIO(c.read_text())))) == len(json.loads(j.read_text())["records"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(j.read_text())
     assert not doc["problems"], doc["problems"]
     assert doc["records"], "no cases"

@@ -82,7 +82,7 @@ def main(argv=None):
         env["device_name"], env["torch"], (" CUDA " + env["cuda"]) if env["cuda"] else "", env["pyperf"],
         env["git_sha"] or "?", env["threads"], env["date"]))
     limit = timing.measure_copy_bandwidth(device, quick=args.quick or args.once)
-    print("measured copy bandwidth: %.1f GB/s (%d MiB tensor copy, read+write)" % (
+    print("measured copy bandwidth: %.1f GB/s (fastest samples of a %d MiB tensor copy, read+write)" % (
         limit["copy_gbps"], limit["copy_bytes"] >> 20))
     print("%d cases, %d timings%s" % (len(cases), sum(len(c.impls) for c in cases),
                                        " (quick)" if args.quick else ""), flush=True)

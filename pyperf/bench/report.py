@@ -154,15 +154,20 @@ def plot(path, records, env, limit_gbps):
     cmap = plt.get_cmap("tab10")
     colors = [cmap(groups.index(r["group"]) % 10) for r in ok]
     speed = [r.get("speedup") or 0.0 for r in ok]
-    bars = ax1.barh(ys, speed, color=[c if r["impl"].startswith("pyperf") else (0.7, 0.7, 0.7)
+    # bars grow from 1x: right = faster than the baseline, left = slower
+    bars = ax1.barh(ys, [v - 1.0 if v > 0 else float("nan") for v in speed], left=1.0, color=[c if r["impl"].startswith("pyperf") else (0.7, 0.7, 0.7)
                                       for c, r in zip(colors, ok)])
     ax1.axvline(1.0, color="k", lw=0.8, ls="--")
-    ax1.set_xlabel("speedup vs the case's baseline (x, higher is better; grey = baselines)")
+    pos = [v for v in speed if v > 0]
+    if pos:  # log scale: 0.1x and 10x are equally far from 1x
+        ax1.set_xscale("log")
+        ax1.set_xlim(min(0.5, min(pos) / 1.5), max(2.0, max(pos) * 2.5))
+    ax1.set_xlabel("speedup vs the case's baseline (x, log scale, higher is better; grey = baselines)")
     ax1.set_yticks(ys)
     ax1.set_yticklabels(labels, fontsize=7)
-    for b, v in zip(bars, speed):
+    for y, v in zip(ys, speed):
         if v:
-            ax1.text(b.get_width(), b.get_y() + b.get_height() / 2, " %.2fx" % v, va="center", fontsize=6)
+            ax1.text(max(v, 1.0), y, " %.2fx" % v, va="center", fontsize=6)
     pct = [r.get("pct_of_limit") or 0.0 for r in ok]
     bars2 = ax2.barh(ys, pct, color=colors)
     ax2.axvline(100.0, color="k", lw=0.8, ls="--")

@@ -155,7 +155,11 @@ def measure_copy_bandwidth(device, quick=False):
     else:
         r = time_cpu(fn, inputs, warmup=1, blocks=5 if quick else 10, budget_s=0.5 if quick else 2.0)
     del src, dst
-    return {"copy_gbps": 2 * nbytes / r["median_s"] / 1e9, "copy_bytes": nbytes, "copy_median_s": r["median_s"]}
+    # the limit is what the device CAN do: the fastest sample (p10 on CUDA, where samples are many) -- a median
+    # would let a busy moment lower the limit and show kernels above 100%
+    best = r["p10_s"] if device.startswith("cuda") else min(r["p10_s"], r["median_s"])
+    return {"copy_gbps": 2 * nbytes / best / 1e9, "copy_bytes": nbytes, "copy_best_s": best,
+            "copy_median_s": r["median_s"]}
 
 
 def wall(fn):
