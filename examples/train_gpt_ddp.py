@@ -12,6 +12,7 @@ Resuming (--resume) restores the model, optimizer, every rank's hook state (erro
 the data position, the step and the RNG: the continued run is bit-identical to an uninterrupted one.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -417,13 +418,21 @@ def worker(rank, world, args, device):
     return results
 
 
+def _teardown():
+    # Free the DDP model, hook state and pending futures (which hold the process group) on this thread: a Gloo
+    # group whose last reference goes away on one of its own worker threads aborts the process at exit.
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
+
+
 def _spawned(rank, world, args, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         worker(rank, world, args, torch.device("cpu"))
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def parse_args(argv=None):
@@ -485,7 +494,7 @@ def main(argv=None):
         try:
             worker(rank, world, args, device)
         finally:
-            dist.destroy_process_group()
+            _teardown()
         return 0
     import torch.multiprocessing as mp
     with socket.socket() as s:
