@@ -16,7 +16,7 @@ build: deps
 	$(PY) setup.py -q build_ext --inplace
 
 demo: build
-	$(PY) -m pyperf.bench pack --quick
+	$(PY) examples/train_gpt_ddp.py $(DEMO_ARGS)
 
 test: build test-cpp test-py
 
