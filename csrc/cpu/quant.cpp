@@ -150,12 +150,7 @@ PYPERF_CPU_INLINE void quantize_staged_block(const float* v, int64_t n, int64_t 
 
 void quantize_into_cpu(const at::Tensor& x, c10::string_view fmt, int64_t block_size, bool stochastic,
                        int64_t seed, int64_t offset, const c10::optional<at::Tensor>& residual, at::Tensor& out) {
-  check_float_dtype(x, "x");
-  check_contiguous(x, "x");
-  const WireLayout w = wire_layout(x.numel(), fmt, block_size);
-  check_residual(residual, w.numel, x, "x");
-  check_wire(out, w, "out");
-  check_same_device(out, x, "out", "x");
+  const WireLayout w = check_quantize_args(x, fmt, block_size, residual, out);
   if (w.numel == 0) return;
   uint8_t* wire = out.data_ptr<uint8_t>();
   float* res = residual.has_value() ? residual->data_ptr<float>() : nullptr;
@@ -207,12 +202,7 @@ at::Tensor quantize_cpu(const at::Tensor& x, c10::string_view fmt, int64_t block
 
 void dequantize_into_cpu(const at::Tensor& wire, int64_t numel, c10::string_view fmt, int64_t block_size,
                          double scale, bool accumulate, at::Tensor& out) {
-  const WireLayout w = wire_layout(numel, fmt, block_size);
-  check_wire(wire, w, "wire");
-  check_float_dtype(out, "out");
-  check_contiguous(out, "out");
-  check_same_device(out, wire, "out", "wire");
-  TORCH_CHECK(out.numel() == numel, "out: expected ", numel, " elements (numel), got ", out.numel());
+  const WireLayout w = check_dequantize_args(wire, numel, fmt, block_size, out);
   if (numel == 0) return;
   const uint8_t* wp = wire.data_ptr<uint8_t>();
   const float uscale = static_cast<float>(scale);

@@ -362,12 +362,7 @@ void dispatch_float(at::ScalarType t, Fn&& fn) {
 
 void quantize_into_cuda(const at::Tensor& x, c10::string_view fmt, int64_t block_size, bool stochastic,
                         int64_t seed, int64_t offset, const c10::optional<at::Tensor>& residual, at::Tensor& out) {
-  check_float_dtype(x, "x");
-  check_contiguous(x, "x");
-  const WireLayout w = wire_layout(x.numel(), fmt, block_size);
-  check_residual(residual, w.numel, x, "x");
-  check_wire(out, w, "out");
-  check_same_device(out, x, "out", "x");
+  const WireLayout w = check_quantize_args(x, fmt, block_size, residual, out);
   if (w.numel == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
   QuantParams p = make_params(w, stochastic, seed, offset, out.data_ptr<uint8_t>(), residual);
@@ -393,12 +388,7 @@ at::Tensor quantize_cuda(const at::Tensor& x, c10::string_view fmt, int64_t bloc
 
 void dequantize_into_cuda(const at::Tensor& wire, int64_t numel, c10::string_view fmt, int64_t block_size,
                           double scale, bool accumulate, at::Tensor& out) {
-  const WireLayout w = wire_layout(numel, fmt, block_size);
-  check_wire(wire, w, "wire");
-  check_float_dtype(out, "out");
-  check_contiguous(out, "out");
-  check_same_device(out, wire, "out", "wire");
-  TORCH_CHECK(out.numel() == numel, "out: expected ", numel, " elements (numel), got ", out.numel());
+  const WireLayout w = check_dequantize_args(wire, numel, fmt, block_size, out);
   if (numel == 0) return;
   c10::cuda::CUDAGuard guard(wire.device());
   auto stream = c10::cuda::getCurrentCUDAStream();

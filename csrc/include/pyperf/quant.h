@@ -67,6 +67,29 @@ inline void check_residual(const c10::optional<at::Tensor>& residual, int64_t nu
   check_same_device(r, ref, "residual", ref_name);
 }
 
+// The argument checks of quantize_into and dequantize_into, the same on CPU and CUDA. Return the wire layout.
+inline WireLayout check_quantize_args(const at::Tensor& x, c10::string_view fmt, int64_t block_size,
+                                      const c10::optional<at::Tensor>& residual, const at::Tensor& out) {
+  check_float_dtype(x, "x");
+  check_contiguous(x, "x");
+  const WireLayout w = wire_layout(x.numel(), fmt, block_size);
+  check_residual(residual, w.numel, x, "x");
+  check_wire(out, w, "out");
+  check_same_device(out, x, "out", "x");
+  return w;
+}
+
+inline WireLayout check_dequantize_args(const at::Tensor& wire, int64_t numel, c10::string_view fmt,
+                                        int64_t block_size, const at::Tensor& out) {
+  const WireLayout w = wire_layout(numel, fmt, block_size);
+  check_wire(wire, w, "wire");
+  check_float_dtype(out, "out");
+  check_contiguous(out, "out");
+  check_same_device(out, wire, "out", "wire");
+  TORCH_CHECK(out.numel() == numel, "out: expected ", numel, " elements (numel), got ", out.numel());
+  return w;
+}
+
 // seed/offset arrive as int64 and are used as the uint64 with the same bits.
 inline uint64_t as_u64(int64_t v) { return static_cast<uint64_t>(v); }
 
