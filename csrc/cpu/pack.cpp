@@ -13,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "pyperf/dispatch.h"
 #include "pyperf/pack_common.h"
 
 namespace pyperf {
@@ -100,35 +101,6 @@ PYPERF_CPU_CLONES void scale_cast_acc(const void* src_v, void* dst_v, int64_t n,
   for (int64_t i = 0; i < n; ++i) dst[i] = store_f<out_t>(load_f<out_t>(dst[i]) + load_f<in_t>(src[i]) * scale);
 }
 
-template <typename Fn>
-void dispatch_one(c10::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case c10::kFloat: return fn(float{});
-    case c10::kBFloat16: return fn(c10::BFloat16{});
-    case c10::kHalf: return fn(c10::Half{});
-    default: TORCH_CHECK(false, "tensors: unsupported dtype ", t);
-  }
-}
-
-// Runs fn(in_t, out_t) tags for the 9 (float32, bfloat16, float16) pairs.
-template <typename Fn>
-void dispatch_pair(c10::ScalarType in, c10::ScalarType out, Fn&& fn) {
-  auto inner = [&](auto in_tag) {
-    switch (out) {
-      case c10::kFloat: return fn(in_tag, float{});
-      case c10::kBFloat16: return fn(in_tag, c10::BFloat16{});
-      case c10::kHalf: return fn(in_tag, c10::Half{});
-      default: TORCH_CHECK(false, "pack: unsupported output dtype ", out);
-    }
-  };
-  switch (in) {
-    case c10::kFloat: return inner(float{});
-    case c10::kBFloat16: return inner(c10::BFloat16{});
-    case c10::kHalf: return inner(c10::Half{});
-    default: TORCH_CHECK(false, "pack: unsupported input dtype ", in);
-  }
-}
-
 // Cumulative element counts of the tensors (without padding): starts[i] .. starts[i+1] is tensor i.
 std::vector<int64_t> element_starts(at::TensorList tensors) {
   std::vector<int64_t> s(tensors.size() + 1, 0);
@@ -154,7 +126,7 @@ void pack_into(at::TensorList tensors, double scale, int64_t align, const PackLa
   const float s = static_cast<float>(scale);
   const int64_t out_es = out.element_size();
   char* out_base = static_cast<char*>(out.data_ptr());
-  dispatch_pair(tensors[0].scalar_type(), out.scalar_type(), [&](auto in_tag, auto out_tag) {
+  dispatch_float3_pair(tensors[0].scalar_type(), "tensors", out.scalar_type(), "out", [&](auto in_tag, auto out_tag) {
     using in_t = decltype(in_tag);
     using out_t = decltype(out_tag);
     const int64_t in_es = sizeof(in_t);
@@ -203,7 +175,7 @@ void unpack_cpu(const at::Tensor& flat, at::TensorList tensors, double scale, in
   const float s = static_cast<float>(scale);
   const char* flat_base = static_cast<const char*>(flat.data_ptr());
   const int64_t in_es = flat.element_size();
-  dispatch_pair(flat.scalar_type(), tensors[0].scalar_type(), [&](auto in_tag, auto out_tag) {
+  dispatch_float3_pair(flat.scalar_type(), "flat", tensors[0].scalar_type(), "tensors", [&](auto in_tag, auto out_tag) {
     using in_t = decltype(in_tag);
     using out_t = decltype(out_tag);
     const int64_t out_es = sizeof(out_t);
@@ -262,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_l2norm_cpu(at::TensorList tensor
   const int64_t n_chunks = (n_total + kNormChunk - 1) / kNormChunk;
   std::vector<double> partial(n_chunks, 0.0);
   std::vector<char> bad(n_chunks, 0);
-  dispatch_one(tensors[0].scalar_type(), [&](auto tag) {
+  dispatch_float3(tensors[0].scalar_type(), "tensors", [&](auto tag) {
     using T = decltype(tag);
     at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {

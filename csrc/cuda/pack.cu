@@ -13,6 +13,7 @@
 #include <array>
 #include <vector>
 
+#include "pyperf/dispatch.h"
 #include "pyperf/multi_tensor_apply.cuh"
 #include "pyperf/pack_common.h"
 
@@ -179,21 +180,6 @@ __global__ void __launch_bounds__(1024) multi_tensor_l2norm_finalize_kernel(cons
   }
 }
 
-template <typename Fn>
-void dispatch_one(c10::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case c10::kFloat: return fn(float{});
-    case c10::kBFloat16: return fn(c10::BFloat16{});
-    case c10::kHalf: return fn(c10::Half{});
-    default: TORCH_CHECK(false, "tensors: unsupported dtype ", t);
-  }
-}
-
-template <typename Fn>
-void dispatch_pair(c10::ScalarType in, c10::ScalarType out, Fn&& fn) {
-  dispatch_one(in, [&](auto in_tag) { dispatch_one(out, [&](auto out_tag) { fn(in_tag, out_tag); }); });
-}
-
 void list_args(at::TensorList tensors, std::vector<std::array<void*, 1>>& ptrs, std::vector<int64_t>& numels) {
   ptrs.resize(tensors.size());
   numels.resize(tensors.size());
@@ -208,7 +194,7 @@ void pack_into(at::TensorList tensors, double scale, int64_t align, const PackLa
   std::vector<std::array<void*, 1>> ptrs;
   std::vector<int64_t> numels;
   list_args(tensors, ptrs, numels);
-  dispatch_pair(tensors[0].scalar_type(), out.scalar_type(), [&](auto in_tag, auto out_tag) {
+  dispatch_float3_pair(tensors[0].scalar_type(), "tensors", out.scalar_type(), "out", [&](auto in_tag, auto out_tag) {
     using in_t = decltype(in_tag);
     using out_t = decltype(out_tag);
     PackOp<in_t, out_t> op{static_cast<out_t*>(out.data_ptr()), align, static_cast<float>(scale)};
@@ -248,7 +234,7 @@ void unpack_cuda(const at::Tensor& flat, at::TensorList tensors, double scale, i
   std::vector<std::array<void*, 1>> ptrs;
   std::vector<int64_t> numels;
   list_args(tensors, ptrs, numels);
-  dispatch_pair(flat.scalar_type(), tensors[0].scalar_type(), [&](auto in_tag, auto out_tag) {
+  dispatch_float3_pair(flat.scalar_type(), "flat", tensors[0].scalar_type(), "tensors", [&](auto in_tag, auto out_tag) {
     using in_t = decltype(in_tag);
     using out_t = decltype(out_tag);
     UnpackOp<in_t, out_t> op{static_cast<const in_t*>(flat.data_ptr()), static_cast<float>(scale), accumulate};
@@ -270,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_l2norm_cuda(at::TensorList tenso
   at::Tensor partial_bad = at::empty({n_chunks}, opts.dtype(c10::kInt));
   at::Tensor sq = at::empty({}, opts.dtype(c10::kFloat));
   at::Tensor flag = at::empty({}, opts.dtype(c10::kBool));
-  dispatch_one(tensors[0].scalar_type(), [&](auto tag) {
+  dispatch_float3(tensors[0].scalar_type(), "tensors", [&](auto tag) {
     using T = decltype(tag);
     L2NormOp<T> op{partial_sq.data_ptr<float>(), partial_bad.data_ptr<int>()};
     const int64_t ran = mta::multi_tensor_apply<1>(ptrs, numels, layout.offsets, op);

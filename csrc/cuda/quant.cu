@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "pyperf/checks.h"
+#include "pyperf/dispatch.h"
 #include "pyperf/philox.h"
 #include "pyperf/quant.h"
 
@@ -348,16 +349,6 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(WireSumSrc<F, vec_of<F
   }
 }
 
-template <typename Fn>
-void dispatch_float(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    default: TORCH_CHECK(false, "expected dtype float32, bfloat16 or float16, got ", t);
-  }
-}
-
 // ---- ops ----
 
 void quantize_into_cuda(const at::Tensor& x, c10::string_view fmt, int64_t block_size, bool stochastic,
@@ -366,7 +357,7 @@ void quantize_into_cuda(const at::Tensor& x, c10::string_view fmt, int64_t block
   if (w.numel == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
   QuantParams p = make_params(w, stochastic, seed, offset, out.data_ptr<uint8_t>(), residual);
-  dispatch_float(x.scalar_type(), [&](auto t) {
+  dispatch_float3(x.scalar_type(), "x", [&](auto t) {
     using T = decltype(t);
     dispatch_format(w.fmt, [&](auto F_) {
       constexpr int F = decltype(F_)::value;
@@ -393,7 +384,7 @@ void dequantize_into_cuda(const at::Tensor& wire, int64_t numel, c10::string_vie
   c10::cuda::CUDAGuard guard(wire.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int shift = log2_int(block_size);
-  dispatch_float(out.scalar_type(), [&](auto t) {
+  dispatch_float3(out.scalar_type(), "out", [&](auto t) {
     using T = decltype(t);
     dispatch_format(w.fmt, [&](auto F_) {
       constexpr int F = decltype(F_)::value;
@@ -449,7 +440,7 @@ at::Tensor reduce_quantized_cuda(const at::Tensor& wires, int64_t numel, c10::st
   if (numel == 0) return out;
   c10::cuda::CUDAGuard guard(wires.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(out_dtype, [&](auto t) {
+  dispatch_float3(out_dtype, "out_dtype", [&](auto t) {
     using T = decltype(t);
     dispatch_format(w.fmt, [&](auto F_) {
       constexpr int F = decltype(F_)::value;

@@ -9,14 +9,7 @@
 
 #include "pyperf/mta_plan.h"
 
-static int failures = 0;
-#define EXPECT(cond)                                                           \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                              \
-    }                                                                          \
-  } while (0)
+#include "expect.h"
 
 static void check(const std::vector<int64_t>& numels, int64_t chunk, int max_tensors, int max_blocks) {
   std::vector<std::pair<size_t, int64_t>> want, got;

@@ -9,14 +9,7 @@
 
 using namespace pyperf::quant;
 
-static int failures = 0;
-#define EXPECT(cond)                                                         \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                            \
-    }                                                                        \
-  } while (0)
+#include "expect.h"
 
 // Every finite fp8 code decodes to a value that encodes back to the same code (scale 1), and decoding matches
 // the format's definition at a few known points.
