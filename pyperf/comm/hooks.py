@@ -5,9 +5,14 @@ Why the quantized hook looks the way it does:
 - DDP's bucket layout changes after the first iteration and again at every restart (a resumed run starts with the
   initial layout). Everything that decides a result is therefore keyed by parameter, never by bucket: the
   quantization blocks start at parameter boundaries (each parameter padded to block_size), global block g (in the
-  order of the model's parameters) is always reduced by rank g % W, and the error-feedback residuals live in one
-  model-wide buffer indexed by global block. A bucket just selects blocks; the same blocks come out bit for bit
-  whatever the bucket composition.
+  order of the model's parameters) is always reduced by rank g % W, and the error-feedback residuals are keyed by
+  parameter. A bucket just selects blocks; the same blocks come out bit for bit whatever the bucket composition.
+- Speed: the residuals are stored compactly, quantized parameters only, in model order (client: all their blocks;
+  server: the blocks this rank owns). DDP's buckets are ranges of parameters (reverse order does not matter: a
+  bucket's parameters are quantized in model order), so a bucket's residuals are plain views, no gather/scatter;
+  other buckets gather/scatter whole runs of parameters with one ops.pack/unpack each. Every per-bucket index and
+  buffer is built once per bucket layout (_Plan). state_dict() converts to the model-wide global-block layout
+  (unchanged format), load_state_dict() back.
 - Small parameters (numel < min_numel) are not quantized: they are all-gathered in fp32 and summed in rank order,
   which is exact-mean-accurate and, unlike a ring all-reduce, independent of the bucket layout.
 - GradScaler: a non-finite gradient comes out non-finite (the step is skipped by the scaler); the residuals are
@@ -470,7 +475,7 @@ def quantized_hook(state: HookState, bucket):
         futs.append(sfut.then(unpack_small))
 
     if plan.nblocks:
-        ts, P, nb, pb = plan.two_shot, plan.P, plan.nblocks, plan.pb
+        ts, P, pb = plan.two_shot, plan.P, plan.pb
         big_grads = [grads[i] for i in plan.canon]
         _q.pack(big_grads, out_dtype=torch.float32, align=B, out=P)
         res = srv = None
