@@ -5,9 +5,14 @@ Why the quantized hook looks the way it does:
 - DDP's bucket layout changes after the first iteration and again at every restart (a resumed run starts with the
   initial layout). Everything that decides a result is therefore keyed by parameter, never by bucket: the
   quantization blocks start at parameter boundaries (each parameter padded to block_size), global block g (in the
-  order of the model's parameters) is always reduced by rank g % W, and the error-feedback residuals live in one
-  model-wide buffer indexed by global block. A bucket just selects blocks; the same blocks come out bit for bit
-  whatever the bucket composition.
+  order of the model's parameters) is always reduced by rank g % W, and the error-feedback residuals are keyed by
+  parameter. A bucket just selects blocks; the same blocks come out bit for bit whatever the bucket composition.
+- Speed: the residuals are stored compactly, quantized parameters only, in model order (client: all their blocks;
+  server: the blocks this rank owns). DDP's buckets are ranges of parameters (reverse order does not matter: a
+  bucket's parameters are quantized in model order), so a bucket's residuals are plain views, no gather/scatter;
+  other buckets gather/scatter whole runs of parameters with one ops.pack/unpack each. Every per-bucket index and
+  buffer is built once per bucket layout (_Plan). state_dict() converts to the model-wide global-block layout
+  (unchanged format), load_state_dict() back.
 - Small parameters (numel < min_numel) are not quantized: they are all-gathered in fp32 and summed in rank order,
   which is exact-mean-accurate and, unlike a ring all-reduce, independent of the bucket layout.
 - GradScaler: a non-finite gradient comes out non-finite (the step is skipped by the scaler); the residuals are
@@ -57,12 +62,29 @@ class HookStats:
         return "HookStats(%s)" % ", ".join("%s=%s" % kv for kv in self.as_dict().items())
 
 
+def _runs(ranges):
+    """Merge consecutive [a, b) ranges (in order) into maximal runs."""
+    out = []
+    for a, b in ranges:
+        if b <= a:
+            continue
+        if out and out[-1][1] == a:
+            out[-1][1] = b
+        else:
+            out.append([a, b])
+    return [tuple(r) for r in out]
+
+
 class _Plan:
-    """How one bucket (one set of parameters, in DDP's order) maps onto the model-wide block layout.
+    """How one bucket (one set of parameters, in DDP's order) maps onto the model-wide block layout. Built once per
+    bucket layout (DDP keeps its buckets for the whole run after the first rebuild), so a step only reads it.
 
     P: the bucket's quantized parameters in model order, each padded to whole blocks (ops.pack, align=block_size).
     Block k of P is global block g = gblk[k] and is reduced by rank g % W; perm lists P's blocks grouped by that
-    owner (segment s = the blocks rank s reduces, in model order)."""
+    owner (segment s = the blocks rank s reduces, in model order).
+    Residuals: the client residual of P is runs of the state's compact client buffer (quantized parameters only, in
+    model order), the server residual of this rank's segment runs of its compact server buffer (the blocks this rank
+    owns, in model order). DDP's buckets are ranges of parameters, so each is one run: a view, no copy."""
 
     def __init__(self, state, bucket_params, device):
         B, W, r = state.block_size, state.world_size, state.rank
@@ -74,12 +96,10 @@ class _Plan:
         self.gidx = [idx[i] for i in self.canon]
         self.nbs = [-(-state._numels[g] // B) for g in self.gidx]
         self.nblocks = sum(self.nbs)
+        self.res_buf = self.srv_buf = None
         if self.nblocks == 0:
             return
         gblk = torch.cat([torch.arange(state._gstart[g], state._gstart[g] + nb) for g, nb in zip(self.gidx, self.nbs)])
-        self.g_contiguous = bool((gblk == torch.arange(int(gblk[0]), int(gblk[0]) + self.nblocks)).all())
-        self.g0 = int(gblk[0])
-        self.gblk = gblk.to(device)
         owner = gblk % W
         perm = torch.argsort(owner * self.nblocks + torch.arange(self.nblocks), stable=True)
         counts = torch.bincount(owner, minlength=W).tolist()
@@ -89,13 +109,11 @@ class _Plan:
             self.bounds.append(self.bounds[-1] + c)
         self.perm = perm.to(device)
         self.perm_seg = [self.perm[self.bounds[s]:self.bounds[s + 1]] for s in range(W)]
-        # this rank's segment: where its blocks live in the server residual (row m = g // W) ...
-        mine = gblk[perm[self.bounds[r]:self.bounds[r + 1]]]
-        ms = mine // W
-        self.m0 = int(ms[0]) if len(ms) else 0
-        self.m_contiguous = len(ms) == 0 or bool((ms == torch.arange(self.m0, self.m0 + len(ms))).all())
-        self.ms = ms.to(device)
-        # ... and its runs of blocks of one parameter (the unit of stochastic rounding, keyed by parameter)
+        # residual runs (element ranges of the compact buffers), in the order of P / of this rank's segment
+        self.res_runs = _runs((state._cstart[g] * B, (state._cstart[g] + nb) * B) for g, nb in zip(self.gidx, self.nbs))
+        self.srv_runs = _runs((state._sstart[g] * B, (state._sstart[g] + state._sowned[g]) * B) for g in self.gidx)
+        assert sum(b - a for a, b in self.srv_runs) == counts[r] * B
+        # this rank's runs of blocks of one parameter (the unit of stochastic rounding, keyed by parameter)
         pidx = torch.repeat_interleave(torch.tensor(self.gidx), torch.tensor(self.nbs))[perm[self.bounds[r]:
                                                                                              self.bounds[r + 1]]]
         self.runs, k = [], 0
@@ -114,6 +132,35 @@ class _Plan:
         self.seg_scales = torch.empty_like(self.scales)
         self.seg_payload = torch.empty_like(self.payload)
         self.two_shot = TwoShot(self.lens, state.fmt, B, r, W)
+        # per-step buffers, reused: a bucket's previous step has completed (DDP waits for every bucket's future)
+        # before its next hook call; fresh large CPU buffers would page-fault on every step
+        self.send = torch.empty(self.two_shot.woffs[-1], dtype=torch.uint8, device=device)
+        self.ts_buffers = self.two_shot.buffers(device)
+
+    def residuals(self, state):
+        """(client residual of P, server residual of this rank's segment, [(buffer, views)] to write back after
+        the update): views of the state's buffers where the runs are single, else gathered copies."""
+        back = []
+
+        def view(flat, runs, numel, name):
+            if len(runs) == 1:
+                a, b = runs[0]
+                return flat[a:b]
+            if not runs:
+                return flat[:0]
+            views = [flat[a:b] for a, b in runs]
+            buf = getattr(self, name)
+            if buf is None or buf.device != flat.device:
+                buf = torch.empty(numel, dtype=torch.float32, device=flat.device)
+                setattr(self, name, buf)
+            _q.pack(views, out=buf)
+            back.append((buf, views))
+            return buf
+
+        B = state.block_size
+        res = view(state._residual, self.res_runs, self.nblocks * B, "res_buf")
+        srv = view(state._server_residual, self.srv_runs, self.lens[state.rank], "srv_buf")
+        return res, srv, back
 
 
 def _wire_parts(wire, nblocks, pb):
@@ -156,8 +203,10 @@ class HookState:
         self._used_plans = set()       # plans of the current step; the others (DDP's old layout) are dropped
         self._in_step = False
         self._step_nonfinite: List[torch.Tensor] = []
-        self._residual = None          # [G*B] fp32: client residual, every parameter padded to blocks, model order
-        self._server_residual = None   # [M*B] fp32: server residual of the blocks this rank reduces (g = m*W + r)
+        # Residuals, compact (quantized parameters only, each padded to whole blocks, in model order) so that a
+        # bucket's share is a contiguous view; state_dict() converts to the model-wide layout (format 1, below).
+        self._residual = None          # [Gc*B] fp32: client residual of every quantized parameter's blocks
+        self._server_residual = None   # [Sc*B] fp32: server residual of the blocks this rank reduces (g % W == r)
         self._backup = None
         self._set_params(params or [], names)
 
@@ -173,12 +222,39 @@ class HookState:
             g += -(-n // self.block_size)
         self._gblocks = g
         self._rows = -(-g // self.world_size) if self.world_size else 0
+        # compact residual layout: client blocks of the quantized parameters, and among them the blocks this rank
+        # owns (global block g with g % W == rank), both in model order
+        W, r = self.world_size, self.rank
+        self._cstart, self._sstart, self._sowned = {}, {}, {}
+        c = s = 0
+        for i, n in enumerate(self._numels):
+            if n < self.min_numel:
+                continue
+            g0, g1 = self._gstart[i], self._gstart[i] + -(-n // self.block_size)
+            owned = -((r - g1) // W) - -((r - g0) // W)       # #{g in [g0, g1): g % W == r}
+            self._cstart[i], self._sstart[i], self._sowned[i] = c, s, owned
+            c += g1 - g0
+            s += owned
+        self._cblocks, self._sblocks = c, s
+        self._maps = None
+
+    def _layout_maps(self):
+        """(global block of each compact client block, model-wide server row m = g // W of each compact server
+        block), as CPU int64 tensors, for converting to and from the state_dict layout."""
+        if self._maps is None:
+            B, W, r = self.block_size, self.world_size, self.rank
+            parts = [torch.arange(self._gstart[i], self._gstart[i] + -(-self._numels[i] // B)) for i in self._cstart]
+            cmap = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+            smap = cmap[cmap % W == r] // W
+            assert len(cmap) == self._cblocks and len(smap) == self._sblocks
+            self._maps = (cmap, smap)
+        return self._maps
 
     def _ensure_residual(self, device):
         if self._residual is None and self.error_feedback:
             B = self.block_size
-            self._residual = torch.zeros(self._gblocks * B, dtype=torch.float32, device=device)
-            self._server_residual = torch.zeros(self._rows * B, dtype=torch.float32, device=device)
+            self._residual = torch.zeros(self._cblocks * B, dtype=torch.float32, device=device)
+            self._server_residual = torch.zeros(self._sblocks * B, dtype=torch.float32, device=device)
 
     def _plan(self, bucket):
         params = bucket.parameters()
@@ -244,8 +320,9 @@ class HookState:
             "kind": self.kind, "block_size": self.block_size, "world_size": self.world_size, "rank": self.rank,
             "seed": self.seed, "iter": self.iter, "param_numels": list(self._numels),
             "param_names": list(self._names),
-            "residual": None if self._residual is None else self._residual.detach().cpu().clone(),
-            "server_residual": None if self._server_residual is None else self._server_residual.detach().cpu().clone(),
+            "residual": None if self._residual is None else self._full(self._residual, self._gblocks, 0),
+            "server_residual": None if self._server_residual is None else self._full(self._server_residual,
+                                                                                     self._rows, 1),
             "stats": self.stats.as_dict(),
         }
 
@@ -265,21 +342,36 @@ class HookState:
             self._residual = self._server_residual = self._backup = None
         else:
             dev = self._params[0].device if self._params else torch.device("cpu")
-            self._residual = sd["residual"].to(dev, torch.float32).clone()
-            self._server_residual = sd["server_residual"].to(dev, torch.float32).clone()
+            self._residual = self._compact(sd["residual"], self._gblocks, 0, "residual").to(dev)
+            self._server_residual = self._compact(sd["server_residual"], self._rows, 1, "server_residual").to(dev)
             self._backup = None
         st = sd.get("stats") or {}
         for k, v in st.items():
             if k != "compression" and hasattr(self.stats, k):
                 setattr(self.stats, k, v)
 
+    def _full(self, compact, rows, which):
+        """The state_dict layout of a compact residual: model-wide, [rows * B] fp32 on CPU, zeros where unused
+        (client: global block g at row g; server: global block g = m*W + rank at row m)."""
+        B = self.block_size
+        full = torch.zeros(rows, B, dtype=torch.float32)
+        full.index_copy_(0, self._layout_maps()[which], compact.detach().cpu().view(-1, B))
+        return full.view(-1)
+
+    def _compact(self, full, rows, which, name):
+        B = self.block_size
+        if full.numel() != rows * B:
+            raise ValueError("load_state_dict: %s: expected %d values, got %d" % (name, rows * B, full.numel()))
+        return full.detach().cpu().to(torch.float32).view(rows, B).index_select(0, self._layout_maps()[which]).view(-1)
+
     def residual_of(self, param):
         """This rank's client-side error-feedback residual of `param` (a copy shaped like it; zeros if none)."""
         g = self._gidx[id(param)]
         n, B = self._numels[g], self.block_size
-        if self._residual is None:
+        if self._residual is None or g not in self._cstart:
             return torch.zeros(param.shape, dtype=torch.float32)
-        return self._residual[self._gstart[g] * B:self._gstart[g] * B + n].detach().cpu().clone().view(param.shape)
+        c = self._cstart[g] * B
+        return self._residual[c:c + n].detach().cpu().clone().view(param.shape)
 
 
 # ---- hooks (torch's signature: hook(state, bucket) -> Future[Tensor]) -------------------------------------------
@@ -383,24 +475,13 @@ def quantized_hook(state: HookState, bucket):
         futs.append(sfut.then(unpack_small))
 
     if plan.nblocks:
-        ts, P, nb, pb = plan.two_shot, plan.P, plan.nblocks, plan.pb
+        ts, P, pb = plan.two_shot, plan.P, plan.pb
         big_grads = [grads[i] for i in plan.canon]
         _q.pack(big_grads, out_dtype=torch.float32, align=B, out=P)
         res = srv = None
-        scatter = []
+        back = ()
         if state.error_feedback:
-            if plan.g_contiguous:
-                res = state._residual[plan.g0 * B:(plan.g0 + nb) * B]
-            else:
-                rows = state._residual.view(-1, B)
-                res = rows.index_select(0, plan.gblk).view(-1)
-                scatter.append((rows, plan.gblk, res))
-            rows = state._server_residual.view(-1, B)
-            if plan.m_contiguous:
-                srv = rows[plan.m0:plan.m0 + len(plan.ms)].view(-1)
-            else:
-                srv = rows.index_select(0, plan.ms).view(-1)
-                scatter.append((rows, plan.ms, srv))
+            res, srv, back = plan.residuals(state)
         if state.stats_every and state.iter % state.stats_every == 0:
             v = P if res is None else P + res
             tmp = torch.zeros_like(v)
@@ -423,7 +504,7 @@ def quantized_hook(state: HookState, bucket):
                 plan.scales[a:b].copy_(sc)
                 plan.payload[a:b].copy_(pl)
         # ... then move whole quantized blocks (1/4 of the fp32 bytes) into per-owner segments
-        send = torch.empty(ts.woffs[-1], dtype=torch.uint8, device=dev)
+        send = plan.send
         for s in range(W):
             c = plan.bounds[s + 1] - plan.bounds[s]
             if c:
@@ -443,12 +524,14 @@ def quantized_hook(state: HookState, bucket):
                 pl_all[k0:k0 + n].copy_(pl)
             return wire
 
-        mine = ts.exchange_reduce(group, send, scale=1.0 / W, server_residual=srv, requantize=requant if sr else None)
-        gfut, gathered = ts.gather(group, mine)
+        mine = ts.exchange_reduce(group, send, scale=1.0 / W, server_residual=srv, requantize=requant if sr else None,
+                                  buffers=plan.ts_buffers)
+        gfut, gathered = ts.gather(group, mine, out=plan.ts_buffers[2])
         state.stats.bytes_sent += ts.bytes_sent()
+        for buf_, views in back:          # residuals that were gathered (buckets that are not parameter ranges)
+            _q.unpack(buf_, views)
 
-        def unpack_big(f, plan=plan, big_grads=big_grads, gathered=gathered, scatter=scatter, stats=stats,
-                       flags=flags):
+        def unpack_big(f, plan=plan, big_grads=big_grads, gathered=gathered, stats=stats, flags=flags):
             t1 = time.perf_counter()
             f.value()
             # segments back to model order: contiguous copies, then one gather per part (CPU index_copy_ of
@@ -463,8 +546,6 @@ def quantized_hook(state: HookState, bucket):
             torch.index_select(plan.seg_payload, 0, plan.inv, out=plan.payload)
             # the fp32 block scales tell whether any block (any rank's) was inf/nan
             flags.append(~torch.isfinite(plan.scales.view(torch.float32)).all())
-            for rows, index, seg in scatter:
-                rows.index_copy_(0, index, seg.view(-1, B))
             _q.dequantize(plan.wire, plan.nblocks * B, plan_fmt, B, out=plan.P)
             _q.unpack(plan.P, big_grads, align=B)
             stats.hook_time_s += time.perf_counter() - t1

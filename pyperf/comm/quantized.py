@@ -109,7 +109,7 @@ class TwoShot:
         return (self.woffs[-1] - self.wb[r]) + (W - 1) * self.wb_max
 
     def exchange_reduce(self, group, send, *, scale=1.0, server_residual=None, stochastic=False, seed=0, offset=0,
-                        requantize=None):
+                        requantize=None, buffers=None):
         """Stage one: all-to-all of the segment wires in `send` (segment s, wb[s] bytes, goes to rank s), then the
         fused reduce of this rank's segment. Returns this rank's reduced wire, zero-padded to wb_max bytes (the
         all-gather needs equal sizes). requantize(fp32 sum) -> wire replaces the fused requantize (the hooks use
@@ -118,18 +118,24 @@ class TwoShot:
         Both collectives of a two-shot are issued from the calling thread, in call order: Gloo matches collectives
         by issue order, and one launched from a completion callback (a backend worker thread) can overtake the
         next bucket's on some ranks and deadlock or mismatch. So stage one waits: on NCCL that is a stream wait
-        (the host goes on), on Gloo it blocks this thread for the all-to-all."""
+        (the host goes on), on Gloo it blocks this thread for the all-to-all.
+
+        buffers: None, or (recv, mine, ...) from `self.buffers(device)`, reused instead of fresh allocations (for
+        a caller that runs the same layout every step: fresh large CPU buffers page-fault on every call)."""
         W, r, fmt, B = self.world_size, self.rank, self.fmt, self.block_size
         dev = send.device
         my_wb = self.wb[r]
-        recv = torch.empty(W * my_wb, dtype=torch.uint8, device=dev)
+        if buffers is not None:
+            recv, mine = buffers[0], buffers[1]
+        else:
+            recv = torch.empty(W * my_wb, dtype=torch.uint8, device=dev)
+            mine = torch.zeros(self.wb_max, dtype=torch.uint8, device=dev)
         if self.equal:
             dist.all_to_all_single(recv, send, group=group)
         else:
             dist.all_to_all_single(recv, send, output_split_sizes=[my_wb] * W, input_split_sizes=self.wb,
                                    group=group)
         n_me = self.lens[r]
-        mine = torch.zeros(self.wb_max, dtype=torch.uint8, device=dev)
         if n_me:
             wires = recv.view(W, my_wb)
             if requantize is None:
@@ -140,9 +146,18 @@ class TwoShot:
             mine[:my_wb].copy_(red)
         return mine
 
-    def gather(self, group, mine):
-        """Stage two: all-gather of the reduced wires. Returns (future, gathered [W, wb_max] uint8)."""
-        gathered = torch.empty(self.world_size * self.wb_max, dtype=torch.uint8, device=mine.device)
+    def buffers(self, device):
+        """(recv, mine, gathered): reusable buffers for exchange_reduce(buffers=) and gather(out=). mine's padding
+        (past this rank's wire) is zero and stays so."""
+        return (torch.empty(self.world_size * self.wb[self.rank], dtype=torch.uint8, device=device),
+                torch.zeros(self.wb_max, dtype=torch.uint8, device=device),
+                torch.empty(self.world_size * self.wb_max, dtype=torch.uint8, device=device))
+
+    def gather(self, group, mine, out=None):
+        """Stage two: all-gather of the reduced wires. Returns (future, gathered [W, wb_max] uint8); out: a
+        reusable flat buffer of W * wb_max bytes (see buffers())."""
+        gathered = out if out is not None else torch.empty(self.world_size * self.wb_max, dtype=torch.uint8,
+                                                           device=mine.device)
         fut = _all_gather(gathered, mine, group=group, async_op=True).get_future()
         return fut, gathered.view(self.world_size, self.wb_max)
 
