@@ -245,16 +245,6 @@ at::Tensor dequantize_cpu(const at::Tensor& wire, int64_t numel, c10::string_vie
 
 // ---- reduce (dequantize W chunks, fp32 sum in rank order, scale; optionally requantize) ----
 
-WireLayout check_wires(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size) {
-  const WireLayout w = wire_layout(numel, fmt, block_size);
-  TORCH_CHECK(wires.scalar_type() == at::kByte, "wires: expected uint8, got dtype ", wires.scalar_type());
-  TORCH_CHECK(wires.dim() == 2 && wires.size(1) == w.bytes, "wires: expected shape [W, wire_bytes(", numel,
-              ", fmt, ", block_size, ") = ", w.bytes, "] (one chunk per rank), got ", wires.sizes());
-  check_contiguous(wires, "wires");
-  TORCH_CHECK(wires.numel() == 0 || reinterpret_cast<uintptr_t>(wires.data_ptr()) % 4 == 0,
-              "wires: expected a 4-byte aligned buffer (fp32 scales), got an unaligned slice");
-  return w;
-}
 
 // Stages the scaled fp32 sum of block b of every wire in v (zeros beyond n), in rank order.
 template <int F>

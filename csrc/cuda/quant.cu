@@ -408,16 +408,6 @@ at::Tensor dequantize_cuda(const at::Tensor& wire, int64_t numel, c10::string_vi
   return out;
 }
 
-WireLayout check_wires(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size) {
-  const WireLayout w = wire_layout(numel, fmt, block_size);
-  TORCH_CHECK(wires.scalar_type() == at::kByte, "wires: expected uint8, got dtype ", wires.scalar_type());
-  TORCH_CHECK(wires.dim() == 2 && wires.size(1) == w.bytes, "wires: expected shape [W, wire_bytes(", numel,
-              ", fmt, ", block_size, ") = ", w.bytes, "] (one chunk per rank), got ", wires.sizes());
-  check_contiguous(wires, "wires");
-  TORCH_CHECK(wires.numel() == 0 || aligned_to(wires.data_ptr(), 4),
-              "wires: expected a 4-byte aligned buffer (fp32 scales), got an unaligned slice");
-  return w;
-}
 
 template <int F>
 WireSumSrc<F, vec_of<F>()> wire_sum_src(const at::Tensor& wires, const WireLayout& w, double scale) {

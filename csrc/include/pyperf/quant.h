@@ -90,6 +90,18 @@ inline WireLayout check_dequantize_args(const at::Tensor& wire, int64_t numel, c
   return w;
 }
 
+// The [W, wire_bytes] uint8 stack of chunks that the reduce step reads (one chunk per rank).
+inline WireLayout check_wires(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size) {
+  const WireLayout w = wire_layout(numel, fmt, block_size);
+  TORCH_CHECK(wires.scalar_type() == at::kByte, "wires: expected uint8, got dtype ", wires.scalar_type());
+  TORCH_CHECK(wires.dim() == 2 && wires.size(1) == w.bytes, "wires: expected shape [W, wire_bytes(", numel,
+              ", fmt, ", block_size, ") = ", w.bytes, "] (one chunk per rank), got ", wires.sizes());
+  check_contiguous(wires, "wires");
+  TORCH_CHECK(wires.numel() == 0 || reinterpret_cast<uintptr_t>(wires.data_ptr()) % 4 == 0,
+              "wires: expected a 4-byte aligned buffer (fp32 scales), got an unaligned slice");
+  return w;
+}
+
 // seed/offset arrive as int64 and are used as the uint64 with the same bits.
 inline uint64_t as_u64(int64_t v) { return static_cast<uint64_t>(v); }
 
