@@ -18,6 +18,7 @@ Why the quantized hook looks the way it does:
 - GradScaler: a non-finite gradient comes out non-finite (the step is skipped by the scaler); the residuals are
   rolled back to their value before that step when the next step starts (skip_nonfinite=True).
 """
+import functools
 import time
 from typing import Dict, List
 
@@ -202,6 +203,9 @@ class HookState:
         self._plans: Dict[tuple, _Plan] = {}
         self._used_plans = set()       # plans of the current step; the others (DDP's old layout) are dropped
         self._in_step = False
+        self._cast_buffers = {}        # bf16/fp16 hooks: (bucket index, numel, dtype, device) -> wire buffer
+        self._used_cast = set()        # keys used this step; the others (DDP's old layout) are dropped
+        self._pending = None           # stage two of the previous bucket of this step (see _defer)
         self._step_nonfinite: List[torch.Tensor] = []
         # Residuals, compact (quantized parameters only, each padded to whole blocks, in model order) so that a
         # bucket's share is a contiguous view; state_dict() converts to the model-wide layout (format 1, below).
@@ -275,11 +279,27 @@ class HookState:
         if not self._in_step:
             self._settle()
             self._in_step = True
+            self._pending = None      # left by a step that raised before its last bucket: its result is not wanted
             if self.skip_nonfinite and self._residual is not None and self._compressing():
                 if self._backup is None:
                     self._backup = (torch.empty_like(self._residual), torch.empty_like(self._server_residual))
                 self._backup[0].copy_(self._residual)
                 self._backup[1].copy_(self._server_residual)
+
+    def _defer(self, stage_two):
+        """Keep this bucket's stage two (wait for its all-to-all, reduce, start the all-gather) until the next
+        bucket's hook call, and run the previous bucket's now: the all-to-all then overlaps with the backward pass
+        that produces the next bucket, while every collective is still issued from the autograd thread in the same
+        order on every rank (Gloo matches collectives by issue order)."""
+        prev, self._pending = self._pending, stage_two
+        if prev is not None:
+            prev()
+
+    def _flush(self, last):
+        """At the step's last bucket nothing comes after it: run the pending stage two now."""
+        if last and self._pending is not None:
+            fn, self._pending = self._pending, None
+            fn()
 
     def _end_bucket(self, bucket):
         self.stats.buckets += 1
@@ -290,6 +310,9 @@ class HookState:
             if self._used_plans:
                 self._plans = {k: v for k, v in self._plans.items() if k in self._used_plans}
                 self._used_plans = set()
+            if self._used_cast:
+                self._cast_buffers = {k: v for k, v in self._cast_buffers.items() if k in self._used_cast}
+                self._used_cast = set()
 
     def _settle(self):
         """Roll back the error feedback of a finished step whose gradients were not finite (GradScaler skips it)."""
@@ -406,7 +429,13 @@ def _cast_hook(dtype, state, bucket):
     if buf.dtype == dtype:
         comp = buf.mul_(1.0 / W)
     else:
-        comp = torch.empty(buf.shape, dtype=dtype, device=buf.device)
+        # one wire buffer per bucket, reused: the bucket's previous all-reduce has completed (DDP waits for every
+        # future) before its next hook call, and a fresh large CPU buffer page-faults on every step
+        key = (bucket.index(), buf.numel(), dtype, buf.device)
+        state._used_cast.add(key)
+        comp = state._cast_buffers.get(key)
+        if comp is None:
+            comp = state._cast_buffers[key] = torch.empty(buf.shape, dtype=dtype, device=buf.device)
         torch.mul(buf, 1.0 / W, out=comp)        # scale and cast in one pass
     fut = dist.all_reduce(comp, group=_group(state), async_op=True).get_future()
     _finish(state, bucket, t0)
@@ -524,14 +553,35 @@ def quantized_hook(state: HookState, bucket):
                 pl_all[k0:k0 + n].copy_(pl)
             return wire
 
-        mine = ts.exchange_reduce(group, send, scale=1.0 / W, server_residual=srv, requantize=requant if sr else None,
-                                  buffers=plan.ts_buffers)
-        gfut, gathered = ts.gather(group, mine, out=plan.ts_buffers[2])
-        state.stats.bytes_sent += ts.bytes_sent()
-        for buf_, views in back:          # residuals that were gathered (buckets that are not parameter ranges)
-            _q.unpack(buf_, views)
+        work, recv = ts.exchange(group, send, plan.ts_buffers)
+        done = torch.futures.Future()
 
-        def unpack_big(f, plan=plan, big_grads=big_grads, gathered=gathered, stats=stats, flags=flags):
+        def stage_two(plan=plan, ts=ts, work=work, recv=recv, srv=srv, back=back, big_grads=big_grads, done=done):
+            # wait for the all-to-all, reduce this rank's segment, start the all-gather; the dequantize into the
+            # gradients runs when the all-gather completes (on the backend's thread)
+            t1 = time.perf_counter()
+            try:
+                mine = ts.reduce(work, recv, scale=1.0 / W, server_residual=srv,
+                                 requantize=requant if sr else None, buffers=plan.ts_buffers)
+                gfut, gathered = ts.gather(group, mine, out=plan.ts_buffers[2])
+                stats.bytes_sent += ts.bytes_sent()
+                for buf_, views in back:      # residuals that were gathered (buckets that are not parameter ranges)
+                    _q.unpack(buf_, views)
+            except BaseException as e:
+                done.set_exception(e)
+                raise
+            stats.hook_time_s += time.perf_counter() - t1
+            fut = gfut.then(functools.partial(unpack_big, plan=plan, big_grads=big_grads, gathered=gathered))
+
+            def complete(f):
+                try:
+                    done.set_result(f.value())
+                except BaseException as e:
+                    done.set_exception(e)
+
+            fut.add_done_callback(complete)
+
+        def unpack_big(f, *, plan, big_grads, gathered, stats=stats, flags=flags):
             t1 = time.perf_counter()
             f.value()
             # segments back to model order: contiguous copies, then one gather per part (CPU index_copy_ of
@@ -552,7 +602,10 @@ def quantized_hook(state: HookState, bucket):
             return buf
 
         plan_fmt = state.fmt
-        futs.append(gfut.then(unpack_big))
+        futs.append(done)
+        state._defer(stage_two)
+
+    state._flush(last=bucket.is_last())
 
     _finish(state, bucket, t0)
     if not futs:                       # a bucket of zero-size parameters

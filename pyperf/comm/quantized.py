@@ -108,33 +108,37 @@ class TwoShot:
         W, r = self.world_size, self.rank
         return (self.woffs[-1] - self.wb[r]) + (W - 1) * self.wb_max
 
-    def exchange_reduce(self, group, send, *, scale=1.0, server_residual=None, stochastic=False, seed=0, offset=0,
-                        requantize=None, buffers=None):
-        """Stage one: all-to-all of the segment wires in `send` (segment s, wb[s] bytes, goes to rank s), then the
-        fused reduce of this rank's segment. Returns this rank's reduced wire, zero-padded to wb_max bytes (the
-        all-gather needs equal sizes). requantize(fp32 sum) -> wire replaces the fused requantize (the hooks use
-        it to key stochastic rounding by parameter).
+    def exchange(self, group, send, buffers=None):
+        """Stage one, first half: start the all-to-all of the segment wires in `send` (segment s, wb[s] bytes, goes
+        to rank s). Returns (work, recv): pass both to reduce() once the caller is ready to wait.
 
-        Both collectives of a two-shot are issued from the calling thread, in call order: Gloo matches collectives
+        Every collective of a two-shot is issued from the calling thread, in call order: Gloo matches collectives
         by issue order, and one launched from a completion callback (a backend worker thread) can overtake the
-        next bucket's on some ranks and deadlock or mismatch. So stage one waits: on NCCL that is a stream wait
-        (the host goes on), on Gloo it blocks this thread for the all-to-all.
+        next bucket's on some ranks and deadlock or mismatch. Splitting stage one lets a caller (the DDP hook)
+        issue this bucket's all-to-all, return to the backward pass, and reduce it when the next bucket arrives.
 
         buffers: None, or (recv, mine, ...) from `self.buffers(device)`, reused instead of fresh allocations (for
         a caller that runs the same layout every step: fresh large CPU buffers page-fault on every call)."""
-        W, r, fmt, B = self.world_size, self.rank, self.fmt, self.block_size
-        dev = send.device
+        W, r = self.world_size, self.rank
         my_wb = self.wb[r]
-        if buffers is not None:
-            recv, mine = buffers[0], buffers[1]
-        else:
-            recv = torch.empty(W * my_wb, dtype=torch.uint8, device=dev)
-            mine = torch.zeros(self.wb_max, dtype=torch.uint8, device=dev)
+        recv = buffers[0] if buffers is not None else torch.empty(W * my_wb, dtype=torch.uint8, device=send.device)
         if self.equal:
-            dist.all_to_all_single(recv, send, group=group)
+            work = dist.all_to_all_single(recv, send, group=group, async_op=True)
         else:
-            dist.all_to_all_single(recv, send, output_split_sizes=[my_wb] * W, input_split_sizes=self.wb,
-                                   group=group)
+            work = dist.all_to_all_single(recv, send, output_split_sizes=[my_wb] * W, input_split_sizes=self.wb,
+                                          group=group, async_op=True)
+        return work, recv
+
+    def reduce(self, work, recv, *, scale=1.0, server_residual=None, stochastic=False, seed=0, offset=0,
+               requantize=None, buffers=None):
+        """Stage one, second half: wait for the all-to-all (on NCCL a stream wait, the host goes on; on Gloo
+        this thread blocks until the bytes are in), then the fused reduce of this rank's segment. Returns this
+        rank's reduced wire, zero-padded to wb_max bytes (the all-gather needs equal sizes). requantize(fp32 sum)
+        -> wire replaces the fused requantize (the hooks use it to key stochastic rounding by parameter)."""
+        W, r, fmt, B = self.world_size, self.rank, self.fmt, self.block_size
+        my_wb = self.wb[r]
+        mine = buffers[1] if buffers is not None else torch.zeros(self.wb_max, dtype=torch.uint8, device=recv.device)
+        work.wait()
         n_me = self.lens[r]
         if n_me:
             wires = recv.view(W, my_wb)
@@ -145,6 +149,11 @@ class TwoShot:
                 red = requantize(_q.reduce_quantized(wires, n_me, fmt, B, scale=scale))
             mine[:my_wb].copy_(red)
         return mine
+
+    def exchange_reduce(self, group, send, *, buffers=None, **reduce_args):
+        """Stage one: exchange() then reduce() (arguments as there)."""
+        work, recv = self.exchange(group, send, buffers)
+        return self.reduce(work, recv, buffers=buffers, **reduce_args)
 
     def buffers(self, device):
         """(recv, mine, gathered): reusable buffers for exchange_reduce(buffers=) and gather(out=). mine's padding
