@@ -170,12 +170,19 @@ class TwoShot:
         fut = _all_gather(gathered, mine, group=group, async_op=True).get_future()
         return fut, gathered.view(self.world_size, self.wb_max)
 
-    def run(self, group, x, out, *, scale=1.0, residual=None, server_residual=None, stochastic=False,
-            seed=0, offset=0):
-        """The whole two-shot over x (flat fp32, segment s = x[offs[s]:offs[s+1]]) into out (may be x).
+    def run(self, group, x, out, **kwargs):
+        """The whole two-shot over x (flat fp32, segment s = x[offs[s]:offs[s+1]]) into out (may be x); arguments
+        as start(). Returns a Future of out; `self.nonfinite` is set when it completes."""
+        return self.start(group, x, out, **kwargs)()
+
+    def start(self, group, x, out, *, scale=1.0, residual=None, server_residual=None, stochastic=False,
+              seed=0, offset=0):
+        """Quantize x's segments and start the all-to-all; returns stage_two(), a callable that waits for it,
+        reduces, starts the all-gather and returns a Future of out (call it from the same thread, in the same
+        order on every rank; in between, the caller may compute or start other collectives).
         residual: None or per-segment fp32 tensors (client error feedback); server_residual: fp32 of lens[rank].
         Stochastic rounding: chunk s uses Philox key mix_seed(seed, 1, rank, s) and `offset`, the server
-        mix_seed(seed, 2, rank). Returns a Future of out; `self.nonfinite` is set when it completes."""
+        mix_seed(seed, 2, rank)."""
         W, r, fmt, B = self.world_size, self.rank, self.fmt, self.block_size
         send = torch.empty(self.woffs[-1], dtype=torch.uint8, device=x.device)
         for s in range(W):
@@ -184,24 +191,29 @@ class TwoShot:
                             seed=mix_seed(seed, 1, r, s), offset=offset,
                             residual=None if residual is None else residual[s],
                             out=send[self.woffs[s]:self.woffs[s + 1]])
-        mine = self.exchange_reduce(group, send, scale=scale, server_residual=server_residual,
-                                    stochastic=stochastic, seed=mix_seed(seed, 2, r), offset=offset)
-        fut, gathered = self.gather(group, mine)
+        work, recv = self.exchange(group, send)
 
-        def finish(f):
-            f.value()
-            bad = []
-            for s in range(W):
-                if self.lens[s]:
-                    _q.dequantize(gathered[s, :self.wb[s]], self.lens[s], fmt, B,
-                                  out=out[self.offs[s]:self.offs[s + 1]])
-                    nb = self.lens[s] // B
-                    bad.append(~torch.isfinite(gathered[s, :4 * nb].view(torch.float32)).all())
-            # The fp32 block scales lead each wire: a non-finite block has a non-finite scale.
-            self.nonfinite = torch.stack(bad).any() if bad else torch.zeros((), dtype=torch.bool)
-            return out
+        def stage_two():
+            mine = self.reduce(work, recv, scale=scale, server_residual=server_residual, stochastic=stochastic,
+                               seed=mix_seed(seed, 2, r), offset=offset)
+            fut, gathered = self.gather(group, mine)
 
-        return fut.then(finish)
+            def finish(f):
+                f.value()
+                bad = []
+                for s in range(W):
+                    if self.lens[s]:
+                        _q.dequantize(gathered[s, :self.wb[s]], self.lens[s], fmt, B,
+                                      out=out[self.offs[s]:self.offs[s + 1]])
+                        nb = self.lens[s] // B
+                        bad.append(~torch.isfinite(gathered[s, :4 * nb].view(torch.float32)).all())
+                # The fp32 block scales lead each wire: a non-finite block has a non-finite scale.
+                self.nonfinite = torch.stack(bad).any() if bad else torch.zeros((), dtype=torch.bool)
+                return out
+
+            return fut.then(finish)
+
+        return stage_two
 
 
 def quantized_all_reduce(tensor, fmt="int8", *, block_size=256, group=None, op="mean", async_op=False,
@@ -218,6 +230,22 @@ def quantized_all_reduce(tensor, fmt="int8", *, block_size=256, group=None, op="
     |out - exact| <= (mean_r amax_r(b) + amax_mean(b)) / (2 qmax) for int8/int4 (qmax 127 / 7); fp8 keeps a
     relative error of 2^-4 (e4m3) / 2^-3 (e5m2) per stage.
     """
+    stage_two = start_quantized_all_reduce(tensor, fmt, block_size=block_size, group=group, op=op,
+                                           stochastic=stochastic, seed=seed, offset=offset, residual=residual,
+                                           server_residual=server_residual, out=out)
+    fut = stage_two()
+    if async_op:
+        return _as_future(fut)
+    return fut.wait()
+
+
+def start_quantized_all_reduce(tensor, fmt="int8", *, block_size=256, group=None, op="mean", stochastic=False,
+                               seed=0, offset=0, residual=None, server_residual=None, out=None):
+    """quantized_all_reduce (same arguments) up to the started all-to-all; returns stage_two(), a callable that
+    waits for it, reduces this rank's chunk, starts the all-gather and returns a torch Future of the result.
+    Between the two, the caller may compute and start other collectives (that is how GradientBucketer overlaps a
+    bucket's all-to-all with the backward). Call every stage_two from the thread that called this, in the same
+    order on every rank: Gloo matches collectives by issue order."""
     check_format(fmt, block_size)
     if op not in ("mean", "sum"):
         raise ValueError("op: expected 'mean' or 'sum', got %r" % (op,))
@@ -238,10 +266,19 @@ def quantized_all_reduce(tensor, fmt="int8", *, block_size=256, group=None, op="
     if server_residual is not None and (server_residual.dtype != torch.float32 or server_residual.numel() != C):
         raise ValueError("server_residual: expected float32 with chunk_numel(%d, %d, %d) = %d elements, got %s "
                          "with %d" % (n, W, block_size, C, server_residual.dtype, server_residual.numel()))
+    return _start(tensor, out, fmt, block_size, group, W, rank, n, C, scale=1.0 / W if op == "mean" else 1.0,
+                  residual=residual, server_residual=server_residual, stochastic=stochastic, seed=seed,
+                  offset=offset)
+
+
+def _start(tensor, out, fmt, block_size, group, W, rank, n, C, *, scale, residual, server_residual, stochastic,
+           seed, offset):
+    """quantized_all_reduce's work after the argument checks, up to the started all-to-all; returns stage_two(),
+    which finishes it and returns a Future of out (see TwoShot.start)."""
     if n == 0 or W == 1:
         if out is not tensor:
             out.copy_(tensor)
-        return _completed(out) if async_op else out
+        return lambda: _completed(out)
     direct = tensor.dtype == torch.float32 and tensor.is_contiguous() and n == W * C
     x = tensor.reshape(-1) if direct else torch.zeros(W * C, dtype=torch.float32, device=tensor.device)
     if not direct:
@@ -250,8 +287,8 @@ def quantized_all_reduce(tensor, fmt="int8", *, block_size=256, group=None, op="
                                                                           device=tensor.device)
     ts = TwoShot([C] * W, fmt, block_size, rank, W)
     res = None if residual is None else [residual.view(-1)[s * C:(s + 1) * C] for s in range(W)]
-    fut = ts.run(group, x, y, scale=1.0 / W if op == "mean" else 1.0, residual=res,
-                 server_residual=server_residual, stochastic=stochastic, seed=seed, offset=offset)
+    ts_two = ts.start(group, x, y, scale=scale, residual=res, server_residual=server_residual,
+                      stochastic=stochastic, seed=seed, offset=offset)
 
     def copy_back(f):
         yy = f.value()
@@ -259,10 +296,7 @@ def quantized_all_reduce(tensor, fmt="int8", *, block_size=256, group=None, op="
             out.view(-1).copy_(yy[:n]) if out.is_contiguous() else out.copy_(yy[:n].view(out.shape))
         return out
 
-    fut = fut.then(copy_back)
-    if async_op:
-        return _as_future(fut)
-    return fut.wait()
+    return lambda: ts_two().then(copy_back)
 
 
 # ---- GradientBucketer(compression="int8" | "int4" | "fp8" | "fp8_e4m3" | "fp8_e5m2") ------------------------------
@@ -281,6 +315,7 @@ class QuantizedCompressor(Compressor):
         self.name, self.fmt, self.block_size, self.align = fmt, fmt, block_size, block_size
         self.error_feedback, self.stochastic, self.seed = error_feedback, stochastic_rounding, seed
         self._state = {}     # bucket_index -> [residual, server_residual, calls]
+        self._pending = None # the last launched bucket's _Deferred
 
     def wire_dtype(self, grad_dtype):
         return torch.float32
@@ -299,9 +334,32 @@ class QuantizedCompressor(Compressor):
             st = self._state[bucket_index] = [res, srv, 0]
         st[2] += 1
         # prescaled by 1/W already: the sum of the inputs is the mean
-        return quantized_all_reduce(flat, self.fmt, block_size=B, group=group, op="sum", async_op=True,
-                                    stochastic=self.stochastic, seed=mix_seed(self.seed, bucket_index),
-                                    offset=st[2], residual=st[0], server_residual=st[1], out=flat)
+        handle = _Deferred(start_quantized_all_reduce(flat, self.fmt, block_size=B, group=group, op="sum",
+                                                      stochastic=self.stochastic,
+                                                      seed=mix_seed(self.seed, bucket_index), offset=st[2],
+                                                      residual=st[0], server_residual=st[1], out=flat))
+        # the previous bucket's stage two runs now, after this bucket's all-to-all started: its all-to-all had the
+        # backward of this bucket to complete in. Launches (and so these calls) come in bucket order on every rank.
+        prev, self._pending = self._pending, handle
+        if prev is not None:
+            prev.finish()
+        return handle
+
+
+class _Deferred:
+    """A bucket's two-shot whose stage two runs at the next bucket's launch or at wait(), whichever is first."""
+
+    def __init__(self, stage_two):
+        self._stage_two, self._fut = stage_two, None
+
+    def finish(self):
+        if self._fut is None:
+            self._fut = self._stage_two()
+            self._stage_two = None
+
+    def wait(self):
+        self.finish()
+        return self._fut.wait()
 
 
 register_compressor("int8", lambda: QuantizedCompressor("int8"))
