@@ -439,20 +439,30 @@ def test_cuda_bits_match_cpu(device, fmt):
                 x = _randn(n, dtype, "cpu", seed=n + bs)
                 r = torch.randn(n) * 0.1
                 rc = r.to(device)
+                r0 = r.to(device)
                 wc = ops.quantize(x.to(device), fmt, bs, stochastic=True, seed=9, offset=bs, residual=rc)
                 w = ops.quantize(x, fmt, bs, stochastic=True, seed=9, offset=bs, residual=r)
                 assert torch.equal(wc.cpu(), w) and torch.equal(rc.cpu(), r), (n, bs, dtype)
+                ro = torch.full((n + 1,), float("nan"), device=device)[1:]   # out of place, unaligned
+                wo = ops.quantize(x.to(device), fmt, bs, stochastic=True, seed=9, offset=bs, residual=r0,
+                                  residual_out=ro)
+                assert torch.equal(wo.cpu(), w) and torch.equal(ro.cpu(), r), (n, bs, dtype)
             w2 = ops.quantize(_randn(n, torch.float32, "cpu", seed=n + bs + 1), fmt, bs)
             wires = torch.stack([w, w2, w])
             assert torch.equal(ops.reduce_quantized(wires.to(device), n, fmt, bs).cpu(),
                                ops.reduce_quantized(wires, n, fmt, bs))
             r = torch.randn(n) * 0.1
-            rc = r.to(device)
+            rc, r0 = r.to(device), r.to(device)
             wc = ops.reduce_quantized(wires.to(device), n, fmt, bs, scale=0.5, requantize=True, residual=rc,
                                       stochastic=True, seed=1, offset=n)
             w = ops.reduce_quantized(wires, n, fmt, bs, scale=0.5, requantize=True, residual=r, stochastic=True,
                                      seed=1, offset=n)
             assert torch.equal(wc.cpu(), w) and torch.equal(rc.cpu(), r), (n, bs)
+            buf = torch.full((w.numel() + 4,), 0xAB, dtype=torch.uint8, device=device)
+            ro = torch.full((n,), float("nan"), device=device)
+            ops.reduce_quantized(wires.to(device), n, fmt, bs, scale=0.5, requantize=True, residual=r0,
+                                 residual_out=ro, out=buf[4:], stochastic=True, seed=1, offset=n)
+            assert torch.equal(buf[4:].cpu(), w) and torch.equal(ro.cpu(), r) and (buf[:4] == 0xAB).all()
             d = torch.randn(n, dtype=torch.bfloat16)
             dc = d.to(device)
             ops.dequantize(wc, n, fmt, bs, out=dc, scale=0.25, accumulate=True)
