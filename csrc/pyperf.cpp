@@ -22,11 +22,13 @@ TORCH_LIBRARY(pyperf, m) {
   // ---- quant: blockwise gradient quantization (csrc/cpu/quant.cpp, csrc/cuda/quant.cu) ----
   // Wire of one chunk: [nblocks fp32 scales][payload] in one uint8 buffer (docs/quant.md). fmt: int8 | int4 |
   // fp8_e4m3 | fp8_e5m2; block_size a power of two in [32, 4096]. seed/offset key Philox (their int64 bits are
-  // read as uint64). residual (fp32, numel like x) is error feedback, updated in place.
-  m.def("quantize(Tensor x, str fmt, int block_size, bool stochastic, int seed, int offset, Tensor(a!)? residual)"
-        " -> Tensor");
+  // read as uint64). Error feedback (fp32, numel like x): v = x + residual is quantized and the new residual
+  // v - deQ(q) is written to residual_out, or in place into residual when residual_out is None; residual None with
+  // a residual_out reads zeros. residual_out may be residual itself, or memory apart from it (no partial overlap).
+  m.def("quantize(Tensor x, str fmt, int block_size, bool stochastic, int seed, int offset, Tensor(a!)? residual, "
+        "Tensor(b!)? residual_out=None) -> Tensor");
   m.def("quantize_into(Tensor x, str fmt, int block_size, bool stochastic, int seed, int offset, "
-        "Tensor(a!)? residual, Tensor(b!) out) -> ()");
+        "Tensor(a!)? residual, Tensor(b!) out, Tensor(c!)? residual_out=None) -> ()");
   m.def("dequantize(Tensor wire, SymInt numel, str fmt, int block_size, ScalarType out_dtype, float scale)"
         " -> Tensor");
   m.def("dequantize_into(Tensor wire, SymInt numel, str fmt, int block_size, float scale, bool accumulate, "
@@ -34,8 +36,12 @@ TORCH_LIBRARY(pyperf, m) {
   // wires: uint8 [W, wire_bytes(numel)], one chunk per rank; sums in fp32 in rank order 0..W-1.
   m.def("reduce_quantized(Tensor wires, SymInt numel, str fmt, int block_size, float scale, ScalarType out_dtype)"
         " -> Tensor");
+  // The sum requantized into a wire, with server-side error feedback (residual / residual_out as in quantize).
   m.def("reduce_requantize(Tensor wires, SymInt numel, str fmt, int block_size, float scale, bool stochastic, "
-        "int seed, int offset, Tensor(a!)? residual) -> Tensor");
+        "int seed, int offset, Tensor(a!)? residual, Tensor(b!)? residual_out=None) -> Tensor");
+  // The same into a caller's wire (e.g. a slice of a send buffer): out must not overlap wires.
+  m.def("reduce_requantize_into(Tensor wires, SymInt numel, str fmt, int block_size, float scale, bool stochastic, "
+        "int seed, int offset, Tensor(a!)? residual, Tensor(b!) out, Tensor(c!)? residual_out=None) -> ()");
 
   // ---- norm: residual-add + RMSNorm / LayerNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu) ----
   // Forward: h = x + residual (when given), then normalize h over the last dim. y and h have x's dtype; the

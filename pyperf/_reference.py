@@ -185,12 +185,18 @@ def _quantize_blocks(v, numel, fmt, block_size, stochastic, seed, offset, residu
     return torch.cat([scale.view(torch.uint8).reshape(-1), payload.reshape(-1)])
 
 
-def quantize(x, fmt, block_size=256, *, stochastic=False, seed=0, offset=0, residual=None, out=None,
-             uniform=None):
-    v = x.reshape(-1).to(torch.float32)
+def _add_residual(v, residual, residual_out):
+    """v + the old residual (zeros when only residual_out is given: -0 turns +0 as in the kernels)."""
     if residual is not None:
-        v = v + residual.reshape(-1)
-    wire = _quantize_blocks(v, x.numel(), fmt, block_size, stochastic, seed, offset, residual, uniform)
+        return v + residual.reshape(-1)
+    return v + 0.0 if residual_out is not None else v
+
+
+def quantize(x, fmt, block_size=256, *, stochastic=False, seed=0, offset=0, residual=None, residual_out=None,
+             out=None, uniform=None):
+    v = _add_residual(x.reshape(-1).to(torch.float32), residual, residual_out)
+    new_res = residual_out if residual_out is not None else residual
+    wire = _quantize_blocks(v, x.numel(), fmt, block_size, stochastic, seed, offset, new_res, uniform)
     if out is not None:
         out.copy_(wire)
         return out
@@ -226,7 +232,7 @@ def dequantize(wire, numel, fmt, block_size=256, *, out_dtype=torch.float32, sca
 
 
 def reduce_quantized(wires, numel, fmt, block_size=256, *, scale=1.0, out_dtype=torch.float32, requantize=False,
-                     residual=None, stochastic=False, seed=0, offset=0, uniform=None):
+                     residual=None, residual_out=None, out=None, stochastic=False, seed=0, offset=0, uniform=None):
     nb = (numel + block_size - 1) // block_size
     acc = torch.zeros(nb * block_size, dtype=torch.float32, device=wires.device)
     for w in range(wires.shape[0]):                 # fixed rank order: deterministic
@@ -234,9 +240,13 @@ def reduce_quantized(wires, numel, fmt, block_size=256, *, scale=1.0, out_dtype=
     acc = acc[:numel] * scale
     if not requantize:
         return acc.to(out_dtype)
-    if residual is not None:
-        acc = acc + residual.reshape(-1)
-    return _quantize_blocks(acc, numel, fmt, block_size, stochastic, seed, offset, residual, uniform)
+    acc = _add_residual(acc, residual, residual_out)
+    new_res = residual_out if residual_out is not None else residual
+    wire = _quantize_blocks(acc, numel, fmt, block_size, stochastic, seed, offset, new_res, uniform)
+    if out is not None:
+        out.copy_(wire)
+        return out
+    return wire
 
 
 

@@ -127,7 +127,7 @@ def wire_bytes(numel, fmt, block_size=256):
 
 
 def quantize(x: torch.Tensor, fmt: str, block_size: int = 256, *, stochastic: bool = False, seed: int = 0,
-             offset: int = 0, residual: Optional[torch.Tensor] = None,
+             offset: int = 0, residual: Optional[torch.Tensor] = None, residual_out: Optional[torch.Tensor] = None,
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Quantizes contiguous `x` (fp32/bf16/fp16, any shape, read flattened) into a uint8 wire of
     wire_bytes(x.numel(), fmt, block_size) bytes: one fp32 absmax scale per block, then the payload.
@@ -136,11 +136,14 @@ def quantize(x: torch.Tensor, fmt: str, block_size: int = 256, *, stochastic: bo
     index: the same call gives the same bits, on CPU and CUDA). Use a distinct offset per step and per chunk.
     residual: fp32, x.numel() values, error feedback in the same pass: v = x + residual is quantized and
     residual <- v - dequantize(q) in place (0 for a block holding inf/nan, see docs/quant.md).
+    residual_out: fp32, contiguous, x.numel() values: the new residual goes here instead and `residual` is only
+    read (None: zeros), so a caller can double-buffer the residuals (keep the old ones to undo a skipped step).
+    It may be `residual` itself (in place again) but must not partially overlap it. Same bits as the in-place form.
     out: a preallocated contiguous uint8 tensor of wire_bytes bytes (e.g. one rank's slice of a send buffer,
     4-byte aligned); it is written and returned."""
     if out is None:
-        return _lib.quantize(x, fmt, block_size, stochastic, seed, offset, residual)
-    _lib.quantize_into(x, fmt, block_size, stochastic, seed, offset, residual, out)
+        return _lib.quantize(x, fmt, block_size, stochastic, seed, offset, residual, residual_out)
+    _lib.quantize_into(x, fmt, block_size, stochastic, seed, offset, residual, out, residual_out)
     return out
 
 
@@ -159,26 +162,36 @@ def dequantize(wire: torch.Tensor, numel: int, fmt: str, block_size: int = 256, 
 
 def reduce_quantized(wires: torch.Tensor, numel: int, fmt: str, block_size: int = 256, *, scale: float = 1.0,
                      out_dtype: torch.dtype = torch.float32, requantize: bool = False,
-                     residual: Optional[torch.Tensor] = None, stochastic: bool = False, seed: int = 0,
+                     residual: Optional[torch.Tensor] = None, residual_out: Optional[torch.Tensor] = None,
+                     out: Optional[torch.Tensor] = None, stochastic: bool = False, seed: int = 0,
                      offset: int = 0) -> torch.Tensor:
     """The reduce step of the two-shot all-reduce, one kernel: wires is uint8 [W, wire_bytes(numel)] (the chunk
     each rank sent); each row is dequantized and summed in fp32 in rank order 0..W-1 (deterministic), times
     `scale`. Returns the 1-D out_dtype sum, or with requantize=True the wire of the sum, quantized like
-    quantize() (stochastic/seed/offset, server-side error feedback through `residual`)."""
+    quantize() (stochastic/seed/offset, server-side error feedback through `residual`, or out of place through
+    `residual` and `residual_out` as in quantize()). With requantize=True, `out` (a preallocated contiguous uint8
+    tensor of wire_bytes(numel) bytes, 4-byte aligned, apart from `wires`, e.g. a slice of the all-gather buffer)
+    receives the wire and is returned."""
     if requantize:
-        return _lib.reduce_requantize(wires, numel, fmt, block_size, scale, stochastic, seed, offset, residual)
-    if residual is not None or stochastic:
-        raise ValueError("reduce_quantized: residual and stochastic apply only with requantize=True")
+        if out is None:
+            return _lib.reduce_requantize(wires, numel, fmt, block_size, scale, stochastic, seed, offset, residual,
+                                          residual_out)
+        _lib.reduce_requantize_into(wires, numel, fmt, block_size, scale, stochastic, seed, offset, residual, out,
+                                    residual_out)
+        return out
+    if residual is not None or residual_out is not None or out is not None or stochastic:
+        raise ValueError("reduce_quantized: residual, residual_out, out and stochastic apply only with "
+                         "requantize=True")
     return _lib.reduce_quantized(wires, numel, fmt, block_size, scale, out_dtype)
 
 
 @torch.library.register_fake("pyperf::quantize")
-def _quantize_fake(x, fmt, block_size, stochastic, seed, offset, residual):
+def _quantize_fake(x, fmt, block_size, stochastic, seed, offset, residual, residual_out=None):
     return x.new_empty((wire_bytes(x.numel(), fmt, block_size),), dtype=torch.uint8)
 
 
 @torch.library.register_fake("pyperf::quantize_into")
-def _quantize_into_fake(x, fmt, block_size, stochastic, seed, offset, residual, out):
+def _quantize_into_fake(x, fmt, block_size, stochastic, seed, offset, residual, out, residual_out=None):
     _check_quant_args(fmt, block_size)
     return None
 
@@ -202,8 +215,16 @@ def _reduce_quantized_fake(wires, numel, fmt, block_size, scale, out_dtype):
 
 
 @torch.library.register_fake("pyperf::reduce_requantize")
-def _reduce_requantize_fake(wires, numel, fmt, block_size, scale, stochastic, seed, offset, residual):
+def _reduce_requantize_fake(wires, numel, fmt, block_size, scale, stochastic, seed, offset, residual,
+                            residual_out=None):
     return wires.new_empty((wire_bytes(numel, fmt, block_size),), dtype=torch.uint8)
+
+
+@torch.library.register_fake("pyperf::reduce_requantize_into")
+def _reduce_requantize_into_fake(wires, numel, fmt, block_size, scale, stochastic, seed, offset, residual, out,
+                                 residual_out=None):
+    _check_quant_args(fmt, block_size)
+    return None
 
 
 

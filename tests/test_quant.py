@@ -234,6 +234,105 @@ def test_error_feedback_identity(device, fmt):
     assert (sent + r.double() - total).abs().max().item() < 1e-4
 
 
+# ---- out-of-place error feedback (residual_out) and the reduce's out= ----
+# The hooks double-buffer their residuals: read the old one, write the new one elsewhere. It must give the bits of
+# the in-place form, leave `residual` untouched and write every element of residual_out (poisoned with NaN first).
+
+def _ef_input(n, dtype, device, seed):
+    x = _randn(n, dtype, device, seed)
+    if n > 8:
+        x[1::7] = -0.0                              # x + 0 turns -0 into +0: residual=None must too (fp8 sign bit)
+    if n > 300:
+        x[n - 2] = float("nan")                     # a non-finite block: wire NaN, residual 0 there
+    return x
+
+
+def _nan(n, device):
+    return torch.full((n,), float("nan"), device=device)
+
+
+def _check_out_of_place(run, n, device, seed):
+    """run(residual, residual_out) -> wire. Compares every out-of-place form with the in-place one."""
+    r = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 0.05).to(device)
+    r_new = r.clone()
+    w_ref = run(r_new, None)                                         # in place
+    keep, r_out = r.clone(), _nan(n, device)
+    assert torch.equal(run(keep, r_out), w_ref)
+    assert torch.equal(r_out, r_new) and torch.equal(keep, r)        # written in full; residual only read
+    same = r.clone()
+    assert torch.equal(run(same, same), w_ref) and torch.equal(same, r_new)
+    view = r.clone()
+    assert torch.equal(run(view, view.view(-1)[:]), w_ref) and torch.equal(view, r_new)  # same memory, other tensor
+    unal = _nan(n + 1, device)[1:]                                   # residual_out off the vector alignment
+    assert torch.equal(run(r.clone(), unal), w_ref) and torch.equal(unal, r_new)
+    zero = torch.zeros(n, device=device)
+    w_zero = run(zero, None)                                         # residual None reads zeros
+    r_out = _nan(n, device)
+    assert torch.equal(run(None, r_out), w_zero) and torch.equal(r_out, zero)
+    return w_ref, r_new
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_residual_out(device, fmt, dtype):
+    for i, n in enumerate((0, 1, 31, 257, 1009)):
+        bs = 32 if i % 2 else 256
+        x = _ef_input(n, dtype, device, seed=40 + i)
+        wb = ops.wire_bytes(n, fmt, bs)
+        for sr in (False, True):
+            def run(res, res_out):
+                return ops.quantize(x, fmt, bs, stochastic=sr, seed=3, offset=i, residual=res, residual_out=res_out)
+
+            w_ref, r_new = _check_out_of_place(run, n, device, seed=i)
+            r = (torch.randn(n, generator=torch.Generator().manual_seed(i)) * 0.05).to(device)
+            r_ref = _nan(n, "cpu")
+            ref = R.quantize(x.cpu(), fmt, bs, stochastic=sr, seed=3, offset=i, residual=r.cpu(), residual_out=r_ref)
+            assert torch.equal(w_ref.cpu(), ref) and torch.equal(r_new.cpu(), r_ref), (n, sr)
+            # out= (a slice of a poisoned send buffer) together with residual_out
+            buf = torch.full((wb + 8,), 0xAB, dtype=torch.uint8, device=device)
+            keep, r_out = r.clone(), _nan(n, device)
+            o = ops.quantize(x, fmt, bs, stochastic=sr, seed=3, offset=i, residual=keep, residual_out=r_out,
+                             out=buf[4:4 + wb])
+            assert (wb == 0 or o.data_ptr() == buf[4:].data_ptr()) and torch.equal(o, w_ref)
+            assert (buf[:4] == 0xAB).all() and (buf[4 + wb:] == 0xAB).all()
+            assert torch.equal(r_out, r_new) and torch.equal(keep, r)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reduce_requantize_residual_out_and_out(device, fmt):
+    for world, n in ((1, 1), (3, 257), (2, 1009)):
+        bs = 64
+        wires = torch.stack([ops.quantize(_ef_input(n, torch.float32, device, seed=60 + r), fmt, bs, stochastic=True,
+                                          seed=r) for r in range(world)])
+        wb = ops.wire_bytes(n, fmt, bs)
+        for sr in (False, True):
+            def run(res, res_out):
+                return ops.reduce_quantized(wires, n, fmt, bs, scale=0.5, requantize=True, residual=res,
+                                            residual_out=res_out, stochastic=sr, seed=8, offset=world)
+
+            w_ref, r_new = _check_out_of_place(run, n, device, seed=world)
+            r = (torch.randn(n, generator=torch.Generator().manual_seed(world)) * 0.05).to(device)
+            r_ref = _nan(n, "cpu")
+            ref = R.reduce_quantized(wires.cpu(), n, fmt, bs, scale=0.5, requantize=True, residual=r.cpu(),
+                                     residual_out=r_ref, stochastic=sr, seed=8, offset=world)
+            assert torch.equal(w_ref.cpu(), ref) and torch.equal(r_new.cpu(), r_ref), (world, n, sr)
+            # out=: one slice of a poisoned all-gather buffer, with and without error feedback
+            for res, res_out in ((None, None), (r.clone(), None), (r.clone(), _nan(n, device))):
+                buf = torch.full((3 * wb,), 0xAB, dtype=torch.uint8, device=device)
+                o = ops.reduce_quantized(wires, n, fmt, bs, scale=0.5, requantize=True, residual=res,
+                                         residual_out=res_out, out=buf[wb:2 * wb], stochastic=sr, seed=8,
+                                         offset=world)
+                expect = run(None if res is None else r.clone(), None)
+                assert o.data_ptr() == buf[wb:].data_ptr() and torch.equal(o, expect)
+                assert (buf[:wb] == 0xAB).all() and (buf[2 * wb:] == 0xAB).all()
+                if res_out is not None:
+                    assert torch.equal(res_out, r_new) and torch.equal(res, r)
+                elif res is not None:
+                    assert torch.equal(res, r_new)
+
+
 # ---- non-finite input ----
 
 @pytest.mark.parametrize("device", devices())
@@ -340,20 +439,30 @@ def test_cuda_bits_match_cpu(device, fmt):
                 x = _randn(n, dtype, "cpu", seed=n + bs)
                 r = torch.randn(n) * 0.1
                 rc = r.to(device)
+                r0 = r.to(device)
                 wc = ops.quantize(x.to(device), fmt, bs, stochastic=True, seed=9, offset=bs, residual=rc)
                 w = ops.quantize(x, fmt, bs, stochastic=True, seed=9, offset=bs, residual=r)
                 assert torch.equal(wc.cpu(), w) and torch.equal(rc.cpu(), r), (n, bs, dtype)
+                ro = torch.full((n + 1,), float("nan"), device=device)[1:]   # out of place, unaligned
+                wo = ops.quantize(x.to(device), fmt, bs, stochastic=True, seed=9, offset=bs, residual=r0,
+                                  residual_out=ro)
+                assert torch.equal(wo.cpu(), w) and torch.equal(ro.cpu(), r), (n, bs, dtype)
             w2 = ops.quantize(_randn(n, torch.float32, "cpu", seed=n + bs + 1), fmt, bs)
             wires = torch.stack([w, w2, w])
             assert torch.equal(ops.reduce_quantized(wires.to(device), n, fmt, bs).cpu(),
                                ops.reduce_quantized(wires, n, fmt, bs))
             r = torch.randn(n) * 0.1
-            rc = r.to(device)
+            rc, r0 = r.to(device), r.to(device)
             wc = ops.reduce_quantized(wires.to(device), n, fmt, bs, scale=0.5, requantize=True, residual=rc,
                                       stochastic=True, seed=1, offset=n)
             w = ops.reduce_quantized(wires, n, fmt, bs, scale=0.5, requantize=True, residual=r, stochastic=True,
                                      seed=1, offset=n)
             assert torch.equal(wc.cpu(), w) and torch.equal(rc.cpu(), r), (n, bs)
+            buf = torch.full((w.numel() + 4,), 0xAB, dtype=torch.uint8, device=device)
+            ro = torch.full((n,), float("nan"), device=device)
+            ops.reduce_quantized(wires.to(device), n, fmt, bs, scale=0.5, requantize=True, residual=r0,
+                                 residual_out=ro, out=buf[4:], stochastic=True, seed=1, offset=n)
+            assert torch.equal(buf[4:].cpu(), w) and torch.equal(ro.cpu(), r) and (buf[:4] == 0xAB).all()
             d = torch.randn(n, dtype=torch.bfloat16)
             dc = d.to(device)
             ops.dequantize(wc, n, fmt, bs, out=dc, scale=0.25, accumulate=True)
@@ -405,6 +514,20 @@ def _opcheck_cases(device):
         (torch.ops.pyperf.reduce_quantized.default, (wires, 300, "int8", 64, 0.5, torch.float32)),
         (torch.ops.pyperf.reduce_requantize.default,
          (wires, 300, "int8", 64, 0.5, True, 3, 4, torch.zeros(300, device=device))),
+        # residual_out: the new residual out of place (residual only read, or None: zeros)
+        (torch.ops.pyperf.quantize.default,
+         (x, "int8", 64, True, 1, 2, torch.randn(300, device=device), torch.zeros(300, device=device))),
+        (torch.ops.pyperf.quantize.default, (x.half(), "fp8_e5m2", 64, False, 1, 2, None, torch.zeros(300, device=device))),
+        (torch.ops.pyperf.quantize_into.default,
+         (x, "int4", 32, True, 0, 0, torch.randn(300, device=device), torch.empty(ops.wire_bytes(300, "int4", 32),
+          dtype=torch.uint8, device=device), torch.zeros(300, device=device))),
+        (torch.ops.pyperf.reduce_requantize.default,
+         (wires, 300, "int8", 64, 0.5, False, 3, 4, torch.randn(300, device=device), torch.zeros(300, device=device))),
+        (torch.ops.pyperf.reduce_requantize_into.default,
+         (wires, 300, "int8", 64, 0.5, True, 3, 4, None, torch.empty_like(wire))),
+        (torch.ops.pyperf.reduce_requantize_into.default,
+         (wires, 300, "int8", 64, 0.5, True, 3, 4, torch.randn(300, device=device), torch.empty_like(wire),
+          torch.zeros(300, device=device))),
     ]
 
 
@@ -412,6 +535,16 @@ def _opcheck_cases(device):
 def test_opcheck(device):
     for op, args in _opcheck_cases(device):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_residual_is_residual_out(device):
+    # the in-place form spelled out of place: one tensor for both mutable arguments
+    x = torch.randn(300, device=device)
+    r = torch.randn(300, device=device)
+    wires = torch.stack([ops.quantize(x, "int8", 64)] * 2)
+    torch.library.opcheck(torch.ops.pyperf.quantize.default, (x, "int8", 64, True, 1, 2, r, r))
+    torch.library.opcheck(torch.ops.pyperf.reduce_requantize.default, (wires, 300, "int8", 64, 0.5, True, 3, 4, r, r))
 
 
 def test_torch_compile_fullgraph():
@@ -423,6 +556,20 @@ def test_torch_compile_fullgraph():
     r2 = r1.clone()
     out = torch.compile(step, backend="aot_eager", fullgraph=True)(x, r1)
     assert torch.equal(out, step(x, r2)) and torch.equal(r1, r2)
+
+    def step_oop(x, r, r_out, wires, srv, srv_out, buf):
+        wire = ops.quantize(x, "int8", 64, stochastic=True, seed=1, offset=2, residual=r, residual_out=r_out)
+        ops.reduce_quantized(wires, x.numel(), "int8", 64, requantize=True, residual=srv, residual_out=srv_out,
+                             out=buf)
+        return wire
+
+    x, r, srv = torch.randn(1000), torch.randn(1000), torch.randn(1000)
+    wires = torch.stack([ops.quantize(x, "int8", 64)] * 2)
+    a = [torch.zeros(1000), torch.zeros(1000), torch.zeros_like(wires[0])]
+    b = [torch.zeros(1000), torch.zeros(1000), torch.zeros_like(wires[0])]
+    w_c = torch.compile(step_oop, backend="aot_eager", fullgraph=True)(x, r, a[0], wires, srv, a[1], a[2])
+    w_e = step_oop(x, r.clone(), b[0], wires, srv.clone(), b[1], b[2])
+    assert torch.equal(w_c, w_e) and all(torch.equal(u, v) for u, v in zip(a, b))
 
 
 # ---- bad input ----
@@ -474,3 +621,58 @@ def test_bad_input_errors():
         ops.reduce_quantized(torch.stack([wire]), 100, "int8", 32, residual=torch.zeros(100))
     with pytest.raises(RuntimeError, match="residual: expected 100 elements"):
         ops.reduce_quantized(torch.stack([wire]), 100, "int8", 32, requantize=True, residual=torch.zeros(3))
+
+
+
+def test_bad_residual_out_and_out_errors():
+    x = torch.randn(100)
+    r = torch.zeros(100)
+    wires = torch.stack([ops.quantize(x, "int8", 32)] * 2)
+    wb = ops.wire_bytes(100, "int8", 32)
+
+    def q(**kw):
+        return ops.quantize(x, "int8", 32, residual=r, **kw)
+
+    def red(**kw):
+        return ops.reduce_quantized(wires, 100, "int8", 32, requantize=True, residual=r, **kw)
+
+    for f in (q, red):
+        with pytest.raises(RuntimeError, match="residual_out: expected a float32 tensor, got dtype BFloat16"):
+            f(residual_out=torch.zeros(100, dtype=torch.bfloat16))
+        with pytest.raises(RuntimeError, match="residual_out: expected 100 elements, got 101"):
+            f(residual_out=torch.zeros(101))
+        with pytest.raises(RuntimeError, match="residual_out: expected a contiguous tensor"):
+            f(residual_out=torch.zeros(200)[::2])
+        buf = torch.zeros(101)
+        with pytest.raises(RuntimeError, match="residual_out: expected residual itself .* partial overlap"):
+            ops.quantize(x, "int8", 32, residual=buf[:100], residual_out=buf[1:])
+        with pytest.raises(RuntimeError, match="out: expected a uint8 wire"):
+            f(out=torch.zeros(wb, dtype=torch.uint8).view(torch.int8))
+        with pytest.raises(RuntimeError, match="out: expected wire_bytes.*got %d" % (wb - 4)):
+            f(out=torch.zeros(wb - 4, dtype=torch.uint8))
+        with pytest.raises(RuntimeError, match="out: expected a contiguous tensor"):
+            f(out=torch.zeros(2 * wb, dtype=torch.uint8)[::2])
+        with pytest.raises(RuntimeError, match="out: expected a 4-byte aligned wire"):
+            f(out=torch.zeros(wb + 4, dtype=torch.uint8)[2:2 + wb])
+    with pytest.raises(RuntimeError, match="out: expected memory apart from wires"):
+        red(out=wires[1])
+    with pytest.raises(RuntimeError, match="residual_out: expected 100 elements"):
+        ops.reduce_quantized(wires, 100, "int8", 32, requantize=True, residual_out=torch.zeros(3),
+                             out=torch.empty(wb, dtype=torch.uint8))
+    for kw in (dict(residual_out=torch.zeros(100)), dict(out=torch.empty(wb, dtype=torch.uint8))):
+        with pytest.raises(ValueError, match="apply only with requantize=True"):
+            ops.reduce_quantized(wires, 100, "int8", 32, **kw)
+    assert (r == 0).all()                           # nothing was written by a rejected call
+
+
+@pytest.mark.parametrize("device", [d for d in devices() if d != "cpu"] or ["cuda"])
+def test_residual_out_and_out_device_errors(device):
+    x = torch.randn(100, device=device)
+    wires = torch.stack([ops.quantize(x, "int8", 32)] * 2)
+    with pytest.raises(RuntimeError, match="residual_out: expected a tensor on"):
+        ops.quantize(x, "int8", 32, residual_out=torch.zeros(100))
+    with pytest.raises(RuntimeError, match="residual_out: expected a tensor on"):
+        ops.reduce_quantized(wires, 100, "int8", 32, requantize=True, residual_out=torch.zeros(100))
+    with pytest.raises(RuntimeError, match="out: expected a tensor on"):
+        ops.reduce_quantized(wires, 100, "int8", 32, requantize=True,
+                             out=torch.empty(ops.wire_bytes(100, "int8", 32), dtype=torch.uint8))

@@ -149,11 +149,12 @@ PYPERF_CPU_INLINE void quantize_staged_block(const float* v, int64_t n, int64_t 
 // ---- quantize ----
 
 void quantize_into_cpu(const at::Tensor& x, c10::string_view fmt, int64_t block_size, bool stochastic,
-                       int64_t seed, int64_t offset, const c10::optional<at::Tensor>& residual, at::Tensor& out) {
-  const WireLayout w = check_quantize_args(x, fmt, block_size, residual, out);
+                       int64_t seed, int64_t offset, const c10::optional<at::Tensor>& residual, at::Tensor& out,
+                       const c10::optional<at::Tensor>& residual_out) {
+  const WireLayout w = check_quantize_args(x, fmt, block_size, residual, residual_out, out);
   if (w.numel == 0) return;
   uint8_t* wire = out.data_ptr<uint8_t>();
-  float* res = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  const ResidualPtrs res = residual_ptrs(residual, residual_out);
   const uint64_t s = as_u64(seed), o = as_u64(offset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -161,7 +162,7 @@ void quantize_into_cpu(const at::Tensor& x, c10::string_view fmt, int64_t block_
       constexpr int F = decltype(F_)::value;
       const Decoder<F> dec;
       dispatch_bool(stochastic, [&](auto SR_) {
-        dispatch_bool(res != nullptr, [&](auto EF_) {
+        dispatch_bool(res.out != nullptr, [&](auto EF_) {
           constexpr bool SR = decltype(SR_)::value, EF = decltype(EF_)::value;
           parallel_blocks(w.nblocks, block_size, [&](int64_t b0, int64_t b1) PYPERF_CPU_LAMBDA {
             float v[kMaxBlock];
@@ -173,15 +174,19 @@ void quantize_into_cpu(const at::Tensor& x, c10::string_view fmt, int64_t block_
                 if (n == block_size) vb = xp + first;  // a whole fp32 block needs no staging copy
               }
               if (vb == v) {
-                for (int64_t i = 0; i < n; ++i) {
-                  float xi = static_cast<float>(xp[first + i]);
-                  v[i] = EF ? add_rn(xi, res[first + i]) : xi;
+                // The block is staged before its residual is written, so residual_out may be residual.
+                if (!EF) {
+                  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(xp[first + i]);
+                } else if (res.in != nullptr) {
+                  for (int64_t i = 0; i < n; ++i) v[i] = add_rn(static_cast<float>(xp[first + i]), res.in[first + i]);
+                } else {  // no old residual: + 0 all the same, so -0 turns +0 exactly as with a zero residual
+                  for (int64_t i = 0; i < n; ++i) v[i] = add_rn(static_cast<float>(xp[first + i]), 0.0f);
                 }
                 for (int64_t i = n; i < block_size; ++i) v[i] = 0.0f;
               }
               quantize_staged_block<F, SR, EF>(vb, n, block_size, first, s, o, wire + 4 * b,
                                                wire + w.payload_offset + b * payload_bytes_per_block(w.fmt, block_size),
-                                               EF ? res + first : nullptr, dec);
+                                               EF ? res.out + first : nullptr, dec);
             }
           });
         });
@@ -191,10 +196,11 @@ void quantize_into_cpu(const at::Tensor& x, c10::string_view fmt, int64_t block_
 }
 
 at::Tensor quantize_cpu(const at::Tensor& x, c10::string_view fmt, int64_t block_size, bool stochastic,
-                        int64_t seed, int64_t offset, const c10::optional<at::Tensor>& residual) {
+                        int64_t seed, int64_t offset, const c10::optional<at::Tensor>& residual,
+                        const c10::optional<at::Tensor>& residual_out) {
   const WireLayout w = wire_layout(x.numel(), fmt, block_size);
   at::Tensor out = at::empty({w.bytes}, x.options().dtype(at::kByte));
-  quantize_into_cpu(x, fmt, block_size, stochastic, seed, offset, residual, out);
+  quantize_into_cpu(x, fmt, block_size, stochastic, seed, offset, residual, out, residual_out);
   return out;
 }
 
@@ -299,24 +305,23 @@ at::Tensor reduce_quantized_cpu(const at::Tensor& wires, int64_t numel, c10::str
   return out;
 }
 
-at::Tensor reduce_requantize_cpu(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size,
-                                 double scale, bool stochastic, int64_t seed, int64_t offset,
-                                 const c10::optional<at::Tensor>& residual) {
-  const WireLayout w = check_wires(wires, numel, fmt, block_size);
-  check_residual(residual, numel, wires, "wires");
-  at::Tensor out = at::empty({w.bytes}, wires.options());
-  if (numel == 0) return out;
+void reduce_requantize_into_cpu(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size,
+                                double scale, bool stochastic, int64_t seed, int64_t offset,
+                                const c10::optional<at::Tensor>& residual, at::Tensor& out,
+                                const c10::optional<at::Tensor>& residual_out) {
+  const WireLayout w = check_requantize_args(wires, numel, fmt, block_size, residual, residual_out, &out);
+  if (numel == 0) return;
   const uint8_t* wp = wires.data_ptr<uint8_t>();
   uint8_t* op = out.data_ptr<uint8_t>();
   const int64_t W = wires.size(0);
   const float uscale = static_cast<float>(scale);
-  float* res = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  const ResidualPtrs res = residual_ptrs(residual, residual_out);
   const uint64_t s = as_u64(seed), o = as_u64(offset);
   dispatch_format(w.fmt, [&](auto F_) {
     constexpr int F = decltype(F_)::value;
     const Decoder<F> dec;
     dispatch_bool(stochastic, [&](auto SR_) {
-      dispatch_bool(res != nullptr, [&](auto EF_) {
+      dispatch_bool(res.out != nullptr, [&](auto EF_) {
         constexpr bool SR = decltype(SR_)::value, EF = decltype(EF_)::value;
         parallel_blocks(w.nblocks, block_size, [&](int64_t b0, int64_t b1) PYPERF_CPU_LAMBDA {
           float v[kMaxBlock];
@@ -325,16 +330,30 @@ at::Tensor reduce_requantize_cpu(const at::Tensor& wires, int64_t numel, c10::st
             const int64_t n = std::min(block_size, numel - first);
             stage_sum<F>(wp, W, w, b, n, uscale, dec, v);
             if constexpr (EF) {
-              for (int64_t i = 0; i < n; ++i) v[i] = add_rn(v[i], res[first + i]);
+              if (res.in != nullptr) {
+                for (int64_t i = 0; i < n; ++i) v[i] = add_rn(v[i], res.in[first + i]);
+              } else {
+                for (int64_t i = 0; i < n; ++i) v[i] = add_rn(v[i], 0.0f);
+              }
             }
             quantize_staged_block<F, SR, EF>(v, n, block_size, first, s, o, op + 4 * b,
                                              op + w.payload_offset + b * payload_bytes_per_block(w.fmt, block_size),
-                                             EF ? res + first : nullptr, dec);
+                                             EF ? res.out + first : nullptr, dec);
           }
         });
       });
     });
   });
+}
+
+at::Tensor reduce_requantize_cpu(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size,
+                                 double scale, bool stochastic, int64_t seed, int64_t offset,
+                                 const c10::optional<at::Tensor>& residual,
+                                 const c10::optional<at::Tensor>& residual_out) {
+  const WireLayout w = check_requantize_args(wires, numel, fmt, block_size, residual, residual_out, nullptr);
+  at::Tensor out = at::empty({w.bytes}, wires.options());
+  reduce_requantize_into_cpu(wires, numel, fmt, block_size, scale, stochastic, seed, offset, residual, out,
+                             residual_out);
   return out;
 }
 
@@ -347,6 +366,7 @@ TORCH_LIBRARY_IMPL(pyperf, CPU, m) {
   m.impl("dequantize_into", &dequantize_into_cpu);
   m.impl("reduce_quantized", &reduce_quantized_cpu);
   m.impl("reduce_requantize", &reduce_requantize_cpu);
+  m.impl("reduce_requantize_into", &reduce_requantize_into_cpu);
 }
 
 }  // namespace pyperf

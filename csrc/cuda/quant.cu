@@ -144,17 +144,26 @@ struct QuantParams {
   bool stochastic;
   uint64_t seed, offset;
   uint8_t* wire;
-  float* residual;  // error feedback, or null
-  bool residual_aligned;
+  // Error feedback: the old residual is read from residual_in (null: zeros) and the new one written to
+  // residual_out (null: no error feedback); the same pointer for the in-place form. Each element is read before
+  // the same thread writes it.
+  const float* residual_in;
+  float* residual_out;
+  bool residual_in_aligned, residual_out_aligned;
 };
 
 // Values [i, i + VEC) of x (+ residual): the v that is quantized.
 template <int VEC, typename Src>
 __device__ __forceinline__ void load_v(const Src& src, const QuantParams& p, int64_t i, float* v) {
   src.load(i, v);
-  if (p.residual != nullptr) {
+  if (p.residual_out != nullptr) {
     float r[VEC];
-    load_vec<float, VEC>(p.residual, i, p.numel, p.residual_aligned, r);
+    if (p.residual_in != nullptr) {
+      load_vec<float, VEC>(p.residual_in, i, p.numel, p.residual_in_aligned, r);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) r[k] = 0.0f;  // + 0 all the same: -0 turns +0 as with a zero residual
+    }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) v[k] = add_rn(v[k], r[k]);
   }
@@ -185,7 +194,7 @@ __device__ __forceinline__ void encode_store(const QuantParams& p, int64_t i, co
     res[k] = ef_residual(v[k], dequant<F>(c, scale), scale);
   }
   *reinterpret_cast<uint32_t*>(p.wire + p.payload_offset + word_byte<F>(i)) = word;
-  if (p.residual != nullptr) store_vec<float, VEC>(p.residual, i, p.numel, p.residual_aligned, res);
+  if (p.residual_out != nullptr) store_vec<float, VEC>(p.residual_out, i, p.numel, p.residual_out_aligned, res);
 }
 
 // CACHE > 0: the CACHE (== p.iters) steps of a lane stay in registers between the two passes; 0: re-read.
@@ -262,7 +271,8 @@ void launch_quantize(const Src& src, QuantParams p) {
   p.lanes = std::min(32, groups);
   p.lanes_shift = log2_int(p.lanes);
   p.iters = groups / p.lanes;
-  p.residual_aligned = p.residual != nullptr && aligned_to(p.residual, sizeof(float) * VEC);
+  p.residual_in_aligned = p.residual_in != nullptr && aligned_to(p.residual_in, sizeof(float) * VEC);
+  p.residual_out_aligned = p.residual_out != nullptr && aligned_to(p.residual_out, sizeof(float) * VEC);
   const int64_t warps = (p.nblocks * p.lanes + 31) / 32;
   const int grid = grid_for(warps * 32, kThreads);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -293,7 +303,7 @@ void launch_quantize(const Src& src, QuantParams p) {
 }
 
 QuantParams make_params(const WireLayout& w, bool stochastic, int64_t seed, int64_t offset, uint8_t* wire,
-                        const c10::optional<at::Tensor>& residual) {
+                        const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& residual_out) {
   QuantParams p;
   p.numel = w.numel;
   p.nblocks = w.nblocks;
@@ -303,8 +313,10 @@ QuantParams make_params(const WireLayout& w, bool stochastic, int64_t seed, int6
   p.seed = as_u64(seed);
   p.offset = as_u64(offset);
   p.wire = wire;
-  p.residual = residual.has_value() ? residual->data_ptr<float>() : nullptr;
-  p.residual_aligned = false;  // set per format by launch_quantize
+  const ResidualPtrs res = residual_ptrs(residual, residual_out);
+  p.residual_in = res.in;
+  p.residual_out = res.out;
+  p.residual_in_aligned = p.residual_out_aligned = false;  // set per format by launch_quantize
   return p;
 }
 
@@ -352,11 +364,12 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(WireSumSrc<F, vec_of<F
 // ---- ops ----
 
 void quantize_into_cuda(const at::Tensor& x, c10::string_view fmt, int64_t block_size, bool stochastic,
-                        int64_t seed, int64_t offset, const c10::optional<at::Tensor>& residual, at::Tensor& out) {
-  const WireLayout w = check_quantize_args(x, fmt, block_size, residual, out);
+                        int64_t seed, int64_t offset, const c10::optional<at::Tensor>& residual, at::Tensor& out,
+                        const c10::optional<at::Tensor>& residual_out) {
+  const WireLayout w = check_quantize_args(x, fmt, block_size, residual, residual_out, out);
   if (w.numel == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
-  QuantParams p = make_params(w, stochastic, seed, offset, out.data_ptr<uint8_t>(), residual);
+  QuantParams p = make_params(w, stochastic, seed, offset, out.data_ptr<uint8_t>(), residual, residual_out);
   dispatch_float3(x.scalar_type(), "x", [&](auto t) {
     using T = decltype(t);
     dispatch_format(w.fmt, [&](auto F_) {
@@ -370,10 +383,11 @@ void quantize_into_cuda(const at::Tensor& x, c10::string_view fmt, int64_t block
 }
 
 at::Tensor quantize_cuda(const at::Tensor& x, c10::string_view fmt, int64_t block_size, bool stochastic,
-                         int64_t seed, int64_t offset, const c10::optional<at::Tensor>& residual) {
+                         int64_t seed, int64_t offset, const c10::optional<at::Tensor>& residual,
+                         const c10::optional<at::Tensor>& residual_out) {
   const WireLayout w = wire_layout(x.numel(), fmt, block_size);
   at::Tensor out = at::empty({w.bytes}, x.options().dtype(at::kByte));
-  quantize_into_cuda(x, fmt, block_size, stochastic, seed, offset, residual, out);
+  quantize_into_cuda(x, fmt, block_size, stochastic, seed, offset, residual, out, residual_out);
   return out;
 }
 
@@ -445,19 +459,28 @@ at::Tensor reduce_quantized_cuda(const at::Tensor& wires, int64_t numel, c10::st
   return out;
 }
 
-at::Tensor reduce_requantize_cuda(const at::Tensor& wires, int64_t numel, c10::string_view fmt,
-                                  int64_t block_size, double scale, bool stochastic, int64_t seed, int64_t offset,
-                                  const c10::optional<at::Tensor>& residual) {
-  const WireLayout w = check_wires(wires, numel, fmt, block_size);
-  check_residual(residual, numel, wires, "wires");
-  at::Tensor out = at::empty({w.bytes}, wires.options());
-  if (numel == 0) return out;
+void reduce_requantize_into_cuda(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size,
+                                 double scale, bool stochastic, int64_t seed, int64_t offset,
+                                 const c10::optional<at::Tensor>& residual, at::Tensor& out,
+                                 const c10::optional<at::Tensor>& residual_out) {
+  const WireLayout w = check_requantize_args(wires, numel, fmt, block_size, residual, residual_out, &out);
+  if (numel == 0) return;
   c10::cuda::CUDAGuard guard(wires.device());
-  QuantParams p = make_params(w, stochastic, seed, offset, out.data_ptr<uint8_t>(), residual);
+  QuantParams p = make_params(w, stochastic, seed, offset, out.data_ptr<uint8_t>(), residual, residual_out);
   dispatch_format(w.fmt, [&](auto F_) {
     constexpr int F = decltype(F_)::value;
     launch_quantize<F>(wire_sum_src<F>(wires, w, scale), p);
   });
+}
+
+at::Tensor reduce_requantize_cuda(const at::Tensor& wires, int64_t numel, c10::string_view fmt,
+                                  int64_t block_size, double scale, bool stochastic, int64_t seed, int64_t offset,
+                                  const c10::optional<at::Tensor>& residual,
+                                  const c10::optional<at::Tensor>& residual_out) {
+  const WireLayout w = check_requantize_args(wires, numel, fmt, block_size, residual, residual_out, nullptr);
+  at::Tensor out = at::empty({w.bytes}, wires.options());
+  reduce_requantize_into_cuda(wires, numel, fmt, block_size, scale, stochastic, seed, offset, residual, out,
+                              residual_out);
   return out;
 }
 
@@ -470,6 +493,7 @@ TORCH_LIBRARY_IMPL(pyperf, CUDA, m) {
   m.impl("dequantize_into", &dequantize_into_cuda);
   m.impl("reduce_quantized", &reduce_quantized_cuda);
   m.impl("reduce_requantize", &reduce_requantize_cuda);
+  m.impl("reduce_requantize_into", &reduce_requantize_into_cuda);
 }
 
 }  // namespace pyperf

@@ -1,6 +1,7 @@
 // Argument parsing and validation of the quant ops, shared by csrc/cpu/quant.cpp and csrc/cuda/quant.cu so both
 // backends accept and reject exactly the same input with the same messages.
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
@@ -57,25 +58,58 @@ inline void check_wire(const at::Tensor& wire, const WireLayout& w, const char* 
               ": expected a 4-byte aligned wire (its fp32 scales), got a slice at an unaligned address");
 }
 
-inline void check_residual(const c10::optional<at::Tensor>& residual, int64_t numel, const at::Tensor& ref,
+// One error-feedback tensor (`name`: residual or residual_out): fp32, numel values, contiguous, on ref's device.
+inline void check_residual(const at::Tensor& r, int64_t numel, const at::Tensor& ref, const char* name,
                            const char* ref_name) {
-  if (!residual.has_value()) return;
-  const at::Tensor& r = *residual;
-  TORCH_CHECK(r.scalar_type() == at::kFloat, "residual: expected a float32 tensor, got dtype ", r.scalar_type());
-  TORCH_CHECK(r.numel() == numel, "residual: expected ", numel, " elements, got ", r.numel());
-  check_contiguous(r, "residual");
-  check_same_device(r, ref, "residual", ref_name);
+  TORCH_CHECK(r.scalar_type() == at::kFloat, name, ": expected a float32 tensor, got dtype ", r.scalar_type());
+  TORCH_CHECK(r.numel() == numel, name, ": expected ", numel, " elements, got ", r.numel());
+  check_contiguous(r, name);
+  check_same_device(r, ref, name, ref_name);
 }
 
-// The argument checks of quantize_into and dequantize_into, the same on CPU and CUDA. Return the wire layout.
+// Error feedback reads the old residual from `residual` (None: zeros) and writes the new one to `residual_out`,
+// or back into `residual` when residual_out is None (in place). residual_out may be residual itself (the same
+// memory: in place again) or memory apart from it; a partial overlap would read values already overwritten.
+inline void check_residuals(const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& residual_out,
+                            int64_t numel, const at::Tensor& ref, const char* ref_name) {
+  if (residual.has_value()) check_residual(*residual, numel, ref, "residual", ref_name);
+  if (!residual_out.has_value()) return;
+  check_residual(*residual_out, numel, ref, "residual_out", ref_name);
+  if (residual.has_value()) {
+    const at::MemOverlapStatus st = at::get_overlap_status(*residual, *residual_out);
+    TORCH_CHECK(st == at::MemOverlapStatus::Full || st == at::MemOverlapStatus::No,
+                "residual_out: expected residual itself (in place) or memory that does not overlap residual, got "
+                "a partial overlap");
+  }
+}
+
+// Where the kernels read the old residual (null: zeros) and write the new one (null: no error feedback).
+struct ResidualPtrs {
+  const float* in;
+  float* out;
+};
+
+inline ResidualPtrs residual_ptrs(const c10::optional<at::Tensor>& residual,
+                                  const c10::optional<at::Tensor>& residual_out) {
+  float* in = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  return {in, residual_out.has_value() ? residual_out->data_ptr<float>() : in};
+}
+
+// A wire the kernel writes (`out=`): see check_wire, plus on ref's device.
+inline void check_out_wire(const at::Tensor& out, const WireLayout& w, const at::Tensor& ref, const char* ref_name) {
+  check_wire(out, w, "out");
+  check_same_device(out, ref, "out", ref_name);
+}
+
+// The argument checks of quantize_into, the same on CPU and CUDA. Return the wire layout.
 inline WireLayout check_quantize_args(const at::Tensor& x, c10::string_view fmt, int64_t block_size,
-                                      const c10::optional<at::Tensor>& residual, const at::Tensor& out) {
+                                      const c10::optional<at::Tensor>& residual,
+                                      const c10::optional<at::Tensor>& residual_out, const at::Tensor& out) {
   check_float_dtype(x, "x");
   check_contiguous(x, "x");
   const WireLayout w = wire_layout(x.numel(), fmt, block_size);
-  check_residual(residual, w.numel, x, "x");
-  check_wire(out, w, "out");
-  check_same_device(out, x, "out", "x");
+  check_residuals(residual, residual_out, w.numel, x, "x");
+  check_out_wire(out, w, x, "x");
   return w;
 }
 
@@ -99,6 +133,21 @@ inline WireLayout check_wires(const at::Tensor& wires, int64_t numel, c10::strin
   check_contiguous(wires, "wires");
   TORCH_CHECK(wires.numel() == 0 || reinterpret_cast<uintptr_t>(wires.data_ptr()) % 4 == 0,
               "wires: expected a 4-byte aligned buffer (fp32 scales), got an unaligned slice");
+  return w;
+}
+
+// The argument checks of reduce_requantize(_into). out (null for reduce_requantize, which allocates it) must not
+// overlap wires: a block's scale is read again after it is written when the CUDA kernel re-reads a large block.
+inline WireLayout check_requantize_args(const at::Tensor& wires, int64_t numel, c10::string_view fmt,
+                                        int64_t block_size, const c10::optional<at::Tensor>& residual,
+                                        const c10::optional<at::Tensor>& residual_out, const at::Tensor* out) {
+  const WireLayout w = check_wires(wires, numel, fmt, block_size);
+  check_residuals(residual, residual_out, numel, wires, "wires");
+  if (out != nullptr) {
+    check_out_wire(*out, w, wires, "wires");
+    TORCH_CHECK(at::get_overlap_status(*out, wires) == at::MemOverlapStatus::No,
+                "out: expected memory apart from wires, got a buffer that overlaps wires");
+  }
   return w;
 }
 
