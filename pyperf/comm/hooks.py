@@ -139,29 +139,32 @@ class _Plan:
         self.ts_buffers = self.two_shot.buffers(device)
 
     def residuals(self, state):
-        """(client residual of P, server residual of this rank's segment, [(buffer, views)] to write back after
-        the update): views of the state's buffers where the runs are single, else gathered copies."""
+        """(client residual in, client residual out, server residual in, server residual out, [(buffer, views)] to
+        write back after the update). `in` views read the state's current residuals, `out` views its next ones
+        (double-buffered: the current ones stay intact until the step is known to be finite). Where a bucket's
+        runs are not single, `in` and `out` are one gathered copy, updated in place and written back to the next
+        buffer's views afterwards."""
         back = []
 
-        def view(flat, runs, numel, name):
+        def view(cur, nxt, runs, numel, name):
             if len(runs) == 1:
                 a, b = runs[0]
-                return flat[a:b]
+                return cur[a:b], nxt[a:b]
             if not runs:
-                return flat[:0]
-            views = [flat[a:b] for a, b in runs]
+                return cur[:0], nxt[:0]
             buf = getattr(self, name)
-            if buf is None or buf.device != flat.device:
-                buf = torch.empty(numel, dtype=torch.float32, device=flat.device)
+            if buf is None or buf.device != cur.device:
+                buf = torch.empty(numel, dtype=torch.float32, device=cur.device)
                 setattr(self, name, buf)
-            _q.pack(views, out=buf)
-            back.append((buf, views))
-            return buf
+            _q.pack([cur[a:b] for a, b in runs], out=buf)
+            back.append((buf, [nxt[a:b] for a, b in runs]))
+            return buf, buf
 
         B = state.block_size
-        res = view(state._residual, self.res_runs, self.nblocks * B, "res_buf")
-        srv = view(state._server_residual, self.srv_runs, self.lens[state.rank], "srv_buf")
-        return res, srv, back
+        res, res_out = view(state._residual, state._residual_next, self.res_runs, self.nblocks * B, "res_buf")
+        srv, srv_out = view(state._server_residual, state._server_next, self.srv_runs, self.lens[state.rank],
+                            "srv_buf")
+        return res, res_out, srv, srv_out, back
 
 
 def _wire_parts(wire, nblocks, pb):
@@ -211,7 +214,10 @@ class HookState:
         # bucket's share is a contiguous view; state_dict() converts to the model-wide layout (format 1, below).
         self._residual = None          # [Gc*B] fp32: client residual of every quantized parameter's blocks
         self._server_residual = None   # [Sc*B] fp32: server residual of the blocks this rank reduces (g % W == r)
-        self._backup = None
+        self._residual_next = None     # the buffers the current step writes (swapped in when it completes)
+        self._server_next = None
+        self._wrote_next = False       # this step's buckets wrote the next residuals
+        self._swapped = False          # the last step ended by swapping them in (so a rollback swaps back)
         self._set_params(params or [], names)
 
     # ---- layout -----------------------------------------------------------------------------------------------
@@ -259,6 +265,10 @@ class HookState:
             B = self.block_size
             self._residual = torch.zeros(self._cblocks * B, dtype=torch.float32, device=device)
             self._server_residual = torch.zeros(self._sblocks * B, dtype=torch.float32, device=device)
+        if self._residual is not None and (self._residual_next is None
+                                           or self._residual_next.device != self._residual.device):
+            self._residual_next = torch.empty_like(self._residual)
+            self._server_next = torch.empty_like(self._server_residual)
 
     def _plan(self, bucket):
         params = bucket.parameters()
@@ -280,11 +290,7 @@ class HookState:
             self._settle()
             self._in_step = True
             self._pending = None      # left by a step that raised before its last bucket: its result is not wanted
-            if self.skip_nonfinite and self._residual is not None and self._compressing():
-                if self._backup is None:
-                    self._backup = (torch.empty_like(self._residual), torch.empty_like(self._server_residual))
-                self._backup[0].copy_(self._residual)
-                self._backup[1].copy_(self._server_residual)
+            self._wrote_next = False
 
     def _defer(self, stage_two):
         """Keep this bucket's stage two (wait for its all-to-all, reduce, start the all-gather) until the next
@@ -305,6 +311,12 @@ class HookState:
         self.stats.buckets += 1
         if bucket.is_last():
             self._in_step = False
+            # every quantized parameter's residuals were written to the next buffers (each is in exactly one
+            # bucket of the step); they become current, the old ones stay for a rollback (_settle)
+            self._swapped = self._wrote_next
+            if self._wrote_next:
+                self._swap_residuals()
+                self._wrote_next = False
             self.iter += 1
             self.stats.steps += 1
             if self._used_plans:
@@ -313,6 +325,10 @@ class HookState:
             if self._used_cast:
                 self._cast_buffers = {k: v for k, v in self._cast_buffers.items() if k in self._used_cast}
                 self._used_cast = set()
+
+    def _swap_residuals(self):
+        self._residual, self._residual_next = self._residual_next, self._residual
+        self._server_residual, self._server_next = self._server_next, self._server_residual
 
     def _settle(self):
         """Roll back the error feedback of a finished step whose gradients were not finite (GradScaler skips it)."""
@@ -323,9 +339,10 @@ class HookState:
         if bool(torch.stack([f.reshape(()) for f in flags]).any()):
             self.stats.nonfinite_steps += 1
             if self._residual is not None:
-                if self._backup is not None:
-                    self._residual.copy_(self._backup[0])
-                    self._server_residual.copy_(self._backup[1])
+                if self.skip_nonfinite:
+                    if self._swapped:         # back to the residuals from before that step (left intact)
+                        self._swap_residuals()
+                        self._swapped = False
                 else:
                     torch.nan_to_num_(self._residual, 0.0, 0.0, 0.0)
                     torch.nan_to_num_(self._server_residual, 0.0, 0.0, 0.0)
@@ -362,12 +379,13 @@ class HookState:
         self._step_nonfinite.clear()
         self._in_step = False
         if sd["residual"] is None:
-            self._residual = self._server_residual = self._backup = None
+            self._residual = self._server_residual = self._residual_next = self._server_next = None
         else:
             dev = self._params[0].device if self._params else torch.device("cpu")
             self._residual = self._compact(sd["residual"], self._gblocks, 0, "residual").to(dev)
             self._server_residual = self._compact(sd["server_residual"], self._rows, 1, "server_residual").to(dev)
-            self._backup = None
+            self._residual_next = self._server_next = None
+            self._ensure_residual(dev)
         st = sd.get("stats") or {}
         for k, v in st.items():
             if k != "compression" and hasattr(self.stats, k):
@@ -507,10 +525,11 @@ def quantized_hook(state: HookState, bucket):
         ts, P, pb = plan.two_shot, plan.P, plan.pb
         big_grads = [grads[i] for i in plan.canon]
         _q.pack(big_grads, out_dtype=torch.float32, align=B, out=P)
-        res = srv = None
+        res = res_out = srv = srv_out = None
         back = ()
         if state.error_feedback:
-            res, srv, back = plan.residuals(state)
+            res, res_out, srv, srv_out, back = plan.residuals(state)
+            state._wrote_next = True
         if state.stats_every and state.iter % state.stats_every == 0:
             v = P if res is None else P + res
             tmp = torch.zeros_like(v)
@@ -523,12 +542,13 @@ def quantized_hook(state: HookState, bucket):
         # quantize P in model order (stochastic rounding: one call per parameter, keyed by parameter index, so the
         # noise does not depend on what else shares the bucket) ...
         if not sr:
-            _q.quantize(P, state.fmt, B, residual=res, out=plan.wire)
+            _q.quantize(P, state.fmt, B, residual=res, residual_out=res_out, out=plan.wire)
         else:
             for k, g in enumerate(plan.gidx):
                 a, b = plan.pstart[k], plan.pstart[k + 1]
                 sub = _q.quantize(P[a * B:b * B], state.fmt, B, stochastic=True, seed=cseed, offset=g,
-                                  residual=None if res is None else res[a * B:b * B])
+                                  residual=None if res is None else res[a * B:b * B],
+                                  residual_out=None if res is None else res_out[a * B:b * B])
                 sc, pl = _wire_parts(sub, b - a, pb)
                 plan.scales[a:b].copy_(sc)
                 plan.payload[a:b].copy_(pl)
@@ -541,13 +561,14 @@ def quantized_hook(state: HookState, bucket):
                 torch.index_select(plan.scales, 0, plan.perm_seg[s], out=sc)
                 torch.index_select(plan.payload, 0, plan.perm_seg[s], out=pl)
 
-        def requant(total, plan=plan, srv=srv):
+        def requant(total, plan=plan, srv=srv, srv_out=srv_out):
             c = plan.bounds[state.rank + 1] - plan.bounds[state.rank]
             wire = torch.empty(_q.wire_bytes(c * B, state.fmt, B), dtype=torch.uint8, device=dev)
             sc_all, pl_all = _wire_parts(wire, c, pb)
             for k0, n, g in plan.runs:
                 sub = _q.quantize(total[k0 * B:(k0 + n) * B], state.fmt, B, stochastic=True, seed=sseed, offset=g,
-                                  residual=None if srv is None else srv[k0 * B:(k0 + n) * B])
+                                  residual=None if srv is None else srv[k0 * B:(k0 + n) * B],
+                                  residual_out=None if srv is None else srv_out[k0 * B:(k0 + n) * B])
                 sc, pl = _wire_parts(sub, n, pb)
                 sc_all[k0:k0 + n].copy_(sc)
                 pl_all[k0:k0 + n].copy_(pl)
@@ -556,12 +577,13 @@ def quantized_hook(state: HookState, bucket):
         work, recv = ts.exchange(group, send, plan.ts_buffers)
         done = torch.futures.Future()
 
-        def stage_two(plan=plan, ts=ts, work=work, recv=recv, srv=srv, back=back, big_grads=big_grads, done=done):
+        def stage_two(plan=plan, ts=ts, work=work, recv=recv, srv=srv, srv_out=srv_out, back=back,
+                      big_grads=big_grads, done=done):
             # wait for the all-to-all, reduce this rank's segment, start the all-gather; the dequantize into the
             # gradients runs when the all-gather completes (on the backend's thread)
             t1 = time.perf_counter()
             try:
-                mine = ts.reduce(work, recv, scale=1.0 / W, server_residual=srv,
+                mine = ts.reduce(work, recv, scale=1.0 / W, server_residual=srv, server_residual_out=srv_out,
                                  requantize=requant if sr else None, buffers=plan.ts_buffers)
                 gfut, gathered = ts.gather(group, mine, out=plan.ts_buffers[2])
                 stats.bytes_sent += ts.bytes_sent()

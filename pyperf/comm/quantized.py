@@ -129,12 +129,13 @@ class TwoShot:
                                           group=group, async_op=True)
         return work, recv
 
-    def reduce(self, work, recv, *, scale=1.0, server_residual=None, stochastic=False, seed=0, offset=0,
-               requantize=None, buffers=None):
+    def reduce(self, work, recv, *, scale=1.0, server_residual=None, server_residual_out=None, stochastic=False,
+               seed=0, offset=0, requantize=None, buffers=None):
         """Stage one, second half: wait for the all-to-all (on NCCL a stream wait, the host goes on; on Gloo
         this thread blocks until the bytes are in), then the fused reduce of this rank's segment. Returns this
         rank's reduced wire, zero-padded to wb_max bytes (the all-gather needs equal sizes). requantize(fp32 sum)
-        -> wire replaces the fused requantize (the hooks use it to key stochastic rounding by parameter)."""
+        -> wire replaces the fused requantize (the hooks use it to key stochastic rounding by parameter).
+        server_residual_out: write the new server residual here instead of in place (see ops.quantize)."""
         W, r, fmt, B = self.world_size, self.rank, self.fmt, self.block_size
         my_wb = self.wb[r]
         mine = buffers[1] if buffers is not None else torch.zeros(self.wb_max, dtype=torch.uint8, device=recv.device)
@@ -143,11 +144,12 @@ class TwoShot:
         if n_me:
             wires = recv.view(W, my_wb)
             if requantize is None:
-                red = _q.reduce_quantized(wires, n_me, fmt, B, scale=scale, requantize=True,
-                                          residual=server_residual, stochastic=stochastic, seed=seed, offset=offset)
+                # straight into the all-gather's send buffer
+                _q.reduce_quantized(wires, n_me, fmt, B, scale=scale, requantize=True, residual=server_residual,
+                                    residual_out=server_residual_out, stochastic=stochastic, seed=seed,
+                                    offset=offset, out=mine[:my_wb])
             else:
-                red = requantize(_q.reduce_quantized(wires, n_me, fmt, B, scale=scale))
-            mine[:my_wb].copy_(red)
+                mine[:my_wb].copy_(requantize(_q.reduce_quantized(wires, n_me, fmt, B, scale=scale)))
         return mine
 
     def exchange_reduce(self, group, send, *, buffers=None, **reduce_args):
