@@ -656,6 +656,15 @@ def test_bad_residual_out_and_out_errors():
             f(out=torch.zeros(wb + 4, dtype=torch.uint8)[2:2 + wb])
     with pytest.raises(RuntimeError, match="out: expected memory apart from wires"):
         red(out=wires[1])
+    with pytest.raises(RuntimeError, match="out: expected memory apart from wires"):
+        big = torch.zeros(3 * wb, dtype=torch.uint8)
+        ops.reduce_quantized(big[:2 * wb].view(2, wb), 100, "int8", 32, requantize=True, out=big[wb + 4:2 * wb + 4])
+    # the same memory under another shape is still the in-place form
+    r2d = torch.randn(10, 10)
+    r_ref = r2d.clone().view(-1)
+    w_ref = ops.quantize(x, "int8", 32, residual=r_ref)
+    assert torch.equal(ops.quantize(x, "int8", 32, residual=r2d, residual_out=r2d.view(-1)), w_ref)
+    assert torch.equal(r2d.view(-1), r_ref)
     with pytest.raises(RuntimeError, match="residual_out: expected 100 elements"):
         ops.reduce_quantized(wires, 100, "int8", 32, requantize=True, residual_out=torch.zeros(3),
                              out=torch.empty(wb, dtype=torch.uint8))

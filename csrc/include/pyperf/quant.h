@@ -1,7 +1,6 @@
 // Argument parsing and validation of the quant ops, shared by csrc/cpu/quant.cpp and csrc/cuda/quant.cu so both
 // backends accept and reject exactly the same input with the same messages.
 #pragma once
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
@@ -76,8 +75,11 @@ inline void check_residuals(const c10::optional<at::Tensor>& residual, const c10
   if (!residual_out.has_value()) return;
   check_residual(*residual_out, numel, ref, "residual_out", ref_name);
   if (residual.has_value()) {
-    const at::MemOverlapStatus st = at::get_overlap_status(*residual, *residual_out);
-    TORCH_CHECK(st == at::MemOverlapStatus::Full || st == at::MemOverlapStatus::No,
+    // Both are contiguous with numel values, so they are byte ranges (of any shape, even of separate storages).
+    const uintptr_t a = reinterpret_cast<uintptr_t>(residual->data_ptr());
+    const uintptr_t b = reinterpret_cast<uintptr_t>(residual_out->data_ptr());
+    const uintptr_t bytes = static_cast<uintptr_t>(numel) * sizeof(float);
+    TORCH_CHECK(a == b || a + bytes <= b || b + bytes <= a,
                 "residual_out: expected residual itself (in place) or memory that does not overlap residual, got "
                 "a partial overlap");
   }
@@ -145,7 +147,10 @@ inline WireLayout check_requantize_args(const at::Tensor& wires, int64_t numel, 
   check_residuals(residual, residual_out, numel, wires, "wires");
   if (out != nullptr) {
     check_out_wire(*out, w, wires, "wires");
-    TORCH_CHECK(at::get_overlap_status(*out, wires) == at::MemOverlapStatus::No,
+    const uintptr_t o = reinterpret_cast<uintptr_t>(out->data_ptr());
+    const uintptr_t in = reinterpret_cast<uintptr_t>(wires.data_ptr());
+    const uintptr_t in_bytes = static_cast<uintptr_t>(wires.numel());
+    TORCH_CHECK(w.bytes == 0 || in_bytes == 0 || o + static_cast<uintptr_t>(w.bytes) <= in || in + in_bytes <= o,
                 "out: expected memory apart from wires, got a buffer that overlaps wires");
   }
   return w;
