@@ -1,7 +1,9 @@
 """Host time of one forward+backward call of the fused layer ops against the torch eager code they replace, at
 shapes small enough that the host side (Python, dispatch, autograd) dominates: the figure behind "small shapes must
-not be slower than torch eager". One CPU thread; impls are interleaved round by round so a noisy machine hits all
-of them alike; per impl the median and the best of the per-round medians are printed, in microseconds.
+not be slower than torch eager". One CPU thread, timed in that thread's CPU time (time.thread_time: time the thread
+is descheduled on a shared machine does not count; with one thread the CPU autograd engine runs backward on the
+calling thread); impls are interleaved round by round so a noisy machine hits all of them alike; per impl the
+median and the best of the per-round means are printed, in microseconds.
 
     python3 benchmarks/host_overhead.py [--rounds 15] [--calls 200] [--shapes 8x64,64x1024] [--raw]
 
@@ -59,10 +61,12 @@ def main():
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--shapes", default="8x64,64x1024")
     p.add_argument("--raw", action="store_true")
+    p.add_argument("--wall", action="store_true", help="wall-clock time instead of the thread's CPU time")
     a = p.parse_args()
     torch.set_num_threads(1)
-    print("torch %s, 1 thread, fwd+bwd per call, us: median / best of %d rounds x %d calls"
-          % (torch.__version__, a.rounds, a.calls))
+    clock = time.perf_counter if a.wall else time.thread_time
+    print("torch %s, 1 thread, %s time, fwd+bwd per call, us: median / best of %d rounds x %d calls"
+          % (torch.__version__, "wall" if a.wall else "thread CPU", a.rounds, a.calls))
     for shape in a.shapes.split(","):
         M, N = (int(v) for v in shape.split("x"))
         impls = _impls(M, N, a.raw)
@@ -72,10 +76,10 @@ def main():
         per = {k: [] for k in impls}
         for _ in range(a.rounds):
             for k, fn in impls.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 for _ in range(a.calls):
                     fn()
-                per[k].append((time.perf_counter() - t0) / a.calls * 1e6)
+                per[k].append((clock() - t0) / a.calls * 1e6)
         print("-- %dx%d fp32" % (M, N))
         for k, v in per.items():
             print("  %s  %7.1f  %7.1f" % (k, statistics.median(v), min(v)))

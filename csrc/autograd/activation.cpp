@@ -60,7 +60,13 @@ const c10::TypedOperatorHandle<GatedBwdSig>& gated_bwd_op() {
 // (needs_input_grad counts the tensors passed, not the argument positions).
 constexpr size_t kBiasEdge = 1;
 
-struct BiasGeluFn : torch::autograd::Function<BiasGeluFn> {
+}  // namespace
+
+// Named outside the anonymous namespace: the graph node shows this name (grad_fn.name(), profiler, anomaly
+// mode), like aten's *Backward nodes.
+namespace autograd {
+
+struct BiasGeluBackward : torch::autograd::Function<BiasGeluBackward> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const Opt& bias, c10::string_view approximate) {
     at::Tensor y;
     {
@@ -77,13 +83,14 @@ struct BiasGeluFn : torch::autograd::Function<BiasGeluFn> {
     const at::Tensor &x = s[0], &bias = s[1];
     // Skipping the bias-gradient reduction when the bias is frozen.
     const bool need_bias = bias.defined() && ctx->needs_input_grad(kBiasEdge);
+    autograd::BackwardOpScope scope;
     auto [gx, gb] = gelu_bwd_op().call(grads[0], x, or_none(bias), ctx->saved_data["approximate"].toStringRef(),
                                        need_bias);
     return {gx, need_bias ? gb : at::Tensor(), at::Tensor()};
   }
 };
 
-struct BiasDropoutResidualFn : torch::autograd::Function<BiasDropoutResidualFn> {
+struct BiasDropoutResidualBackward : torch::autograd::Function<BiasDropoutResidualBackward> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const Opt& bias, const at::Tensor& residual,
                             double p, c10::SymInt seed, c10::SymInt offset) {
     at::Tensor y;
@@ -102,13 +109,14 @@ struct BiasDropoutResidualFn : torch::autograd::Function<BiasDropoutResidualFn> 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(kBiasEdge);
     const at::Tensor& grad = grads[0];
+    autograd::BackwardOpScope scope;
     auto [gx, gb] = bdr_bwd_op().call(grad, ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toSymInt(),
                                       ctx->saved_data["offset"].toSymInt(), need_bias);
     return {gx, need_bias ? gb : at::Tensor(), grad, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-struct GatedActFn : torch::autograd::Function<GatedActFn> {
+struct GatedActBackward : torch::autograd::Function<GatedActBackward> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const Opt& b, c10::string_view activation) {
     at::Tensor y;
     {
@@ -123,17 +131,22 @@ struct GatedActFn : torch::autograd::Function<GatedActFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &a = s[0], &b = s[1];
+    autograd::BackwardOpScope scope;
     auto [ga, gb] = gated_bwd_op().call(grads[0], a, or_none(b), ctx->saved_data["activation"].toStringRef());
     return {ga, b.defined() ? gb : at::Tensor(), at::Tensor()};
   }
 };
+
+}  // namespace autograd
+
+namespace {
 
 at::Tensor bias_gelu_autograd(const at::Tensor& x, const Opt& bias, c10::string_view approximate) {
   if (!autograd::any_requires_grad(x, bias)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return gelu_op().call(x, bias, approximate);
   }
-  return BiasGeluFn::apply(x, bias, approximate);
+  return autograd::BiasGeluBackward::apply(x, bias, approximate);
 }
 
 at::Tensor bias_dropout_residual_autograd(const at::Tensor& x, const Opt& bias, const at::Tensor& residual, double p,
@@ -142,7 +155,7 @@ at::Tensor bias_dropout_residual_autograd(const at::Tensor& x, const Opt& bias, 
     at::AutoDispatchBelowADInplaceOrView below;
     return bdr_op().call(x, bias, residual, p, std::move(seed), std::move(offset));
   }
-  return BiasDropoutResidualFn::apply(x, bias, residual, p, std::move(seed), std::move(offset));
+  return autograd::BiasDropoutResidualBackward::apply(x, bias, residual, p, std::move(seed), std::move(offset));
 }
 
 at::Tensor gated_act_autograd(const at::Tensor& a, const Opt& b, c10::string_view activation) {
@@ -150,7 +163,7 @@ at::Tensor gated_act_autograd(const at::Tensor& a, const Opt& b, c10::string_vie
     at::AutoDispatchBelowADInplaceOrView below;
     return gated_op().call(a, b, activation);
   }
-  return GatedActFn::apply(a, b, activation);
+  return autograd::GatedActBackward::apply(a, b, activation);
 }
 
 }  // namespace

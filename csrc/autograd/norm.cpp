@@ -68,7 +68,13 @@ std::pair<at::Tensor, Opt> incoming(const variable_list& grads, const at::Tensor
   return {dy, dh};
 }
 
-struct AddRmsNormFn : torch::autograd::Function<AddRmsNormFn> {
+}  // namespace
+
+// Named outside the anonymous namespace: the graph node shows this name (grad_fn.name(), profiler, anomaly
+// mode), like aten's *Backward nodes.
+namespace autograd {
+
+struct AddRmsNormBackward : torch::autograd::Function<AddRmsNormBackward> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const Opt& residual, const Opt& weight,
                                double eps, bool save_output) {
     at::Tensor y, h, rstd;
@@ -87,12 +93,13 @@ struct AddRmsNormFn : torch::autograd::Function<AddRmsNormFn> {
     const at::Tensor &saved = s[0], &weight = s[1], &rstd = s[2];
     const bool has_residual = ctx->saved_data["has_residual"].toBool();
     auto [dy, dh] = incoming(grads, saved, has_residual);
+    autograd::BackwardOpScope scope;
     auto [dx, dw] = rms_bwd_op().call(dy, dh, saved, or_none(weight), rstd, ctx->saved_data["save_output"].toBool());
     return {dx, has_residual ? dx : at::Tensor(), weight.defined() ? dw : at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-struct AddLayerNormFn : torch::autograd::Function<AddLayerNormFn> {
+struct AddLayerNormBackward : torch::autograd::Function<AddLayerNormBackward> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const Opt& residual, const Opt& weight,
                                const Opt& bias, double eps, bool save_output) {
     at::Tensor y, h, mean, rstd;
@@ -113,12 +120,17 @@ struct AddLayerNormFn : torch::autograd::Function<AddLayerNormFn> {
     const at::Tensor &saved = s[0], &weight = s[1], &bias = s[2], &mean = s[3], &rstd = s[4];
     const bool has_residual = ctx->saved_data["has_residual"].toBool();
     auto [dy, dh] = incoming(grads, saved, has_residual);
+    autograd::BackwardOpScope scope;
     auto [dx, dw, db] = ln_bwd_op().call(dy, dh, saved, or_none(weight), or_none(bias), or_none(mean), rstd,
                                          ctx->saved_data["save_output"].toBool());
     return {dx, has_residual ? dx : at::Tensor(), weight.defined() ? dw : at::Tensor(),
             bias.defined() ? db : at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+}  // namespace autograd
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_autograd(const at::Tensor& x, const Opt& residual,
                                                                      const Opt& weight, double eps,
@@ -127,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_autograd(const at::T
     at::AutoDispatchBelowADInplaceOrView below;
     return rms_op().call(x, residual, weight, eps, save_output);
   }
-  variable_list out = AddRmsNormFn::apply(x, residual, weight, eps, save_output);
+  variable_list out = autograd::AddRmsNormBackward::apply(x, residual, weight, eps, save_output);
   return {out[0], out[1], out[2]};
 }
 
@@ -139,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_autogr
     at::AutoDispatchBelowADInplaceOrView below;
     return ln_op().call(x, residual, weight, bias, eps, save_output);
   }
-  variable_list out = AddLayerNormFn::apply(x, residual, weight, bias, eps, save_output);
+  variable_list out = autograd::AddLayerNormBackward::apply(x, residual, weight, bias, eps, save_output);
   return {out[0], out[1], out[2], out[3]};
 }
 

@@ -3,6 +3,7 @@
 // time per call, more than a whole small-shape kernel on a GPU: with it, small layers are slower than torch eager,
 // whose own autograd is C++.
 #pragma once
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
@@ -27,6 +28,20 @@ template <class... Ts>
 bool any_requires_grad(const Ts&... ts) {
   return c10::GradMode::is_enabled() && (requires_grad(ts) || ...);
 }
+
+// Scope of a *_backward op call. Those ops have no autograd kernel: through the dispatcher they would pass torch's
+// boxed autograd fallback (a few us on the host). Outside double backward (grad mode off) they go straight to the
+// backend kernel; with create_graph=True they take the fallback as before, which warns that they are not
+// differentiable rather than silently returning a detached gradient.
+class BackwardOpScope {
+ public:
+  BackwardOpScope() {
+    if (!c10::GradMode::is_enabled()) below_.emplace();
+  }
+
+ private:
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below_;
+};
 
 inline at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 inline std::optional<at::Tensor> or_none(const at::Tensor& t) {
