@@ -496,3 +496,16 @@ def test_only_residual_stream_used(kind):
     torch.testing.assert_close(grads[1], gh)
     for g in grads[2:]:
         assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_autograd_is_cpp():
+    """One autograd, the C++ kernel at the Autograd key (csrc/autograd/norm.cpp): the wrappers and torch.ops.pyperf.*
+    record the same node, and nothing is recorded without gradients."""
+    for op in ("add_rms_norm", "add_layer_norm"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("pyperf::" + op, "Autograd"), op
+    x = torch.randn(3, 8, requires_grad=True)
+    assert "pyperf::autograd::AddLayerNormBackward" in ops.add_layer_norm(x)[0].grad_fn.name()
+    assert "pyperf::autograd::AddRmsNormBackward" in torch.ops.pyperf.add_rms_norm(x, None, None, 1e-5)[0].grad_fn.name()
+    with torch.no_grad():
+        assert ops.add_layer_norm(x)[0].grad_fn is None
+    assert ops.add_rms_norm(x.detach())[0].grad_fn is None
