@@ -537,3 +537,25 @@ def test_autograd_is_cpp_and_skips_frozen_bias_grads():
         r.grad = None
     with torch.no_grad():
         assert ops.bias_gelu(x, b).grad_fn is None and not ops.swiglu(x).requires_grad
+
+
+def test_compiled_autograd_traces_the_backward():
+    """The C++ autograd Functions are is_traceable: torch.compile's compiled autograd traces their backward with
+    fullgraph=True (an opaque C++ node would be a graph break) and gives the eager gradients bit for bit."""
+    import torch._dynamo.compiled_autograd as ca
+    x, r = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
+    for bias_rg in (True, False):
+        b = torch.randn(16, requires_grad=bias_rg)
+        leaves = [t for t in (x, r, b) if t.requires_grad]
+
+        def loss(seed):
+            z = ops.bias_gelu(x, b, "none") + ops.bias_dropout_residual(x, b, r, 0.3, seed, 6) + ops.geglu(x, r)
+            return z.square().sum()
+
+        for seed in (5, 6):
+            want = torch.autograd.grad(loss(seed), leaves)
+            torch._dynamo.reset()
+            with ca._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+                got = torch.autograd.grad(loss(seed), leaves)
+            for g, w in zip(got, want):
+                assert torch.equal(g, w)

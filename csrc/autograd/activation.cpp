@@ -67,6 +67,8 @@ constexpr size_t kBiasEdge = 1;
 namespace autograd {
 
 struct BiasGeluBackward : torch::autograd::Function<BiasGeluBackward> {
+  static constexpr bool is_traceable = true;  // compiled autograd traces backward (see autograd.h)
+
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const Opt& bias, c10::string_view approximate) {
     at::Tensor y;
     {
@@ -91,6 +93,8 @@ struct BiasGeluBackward : torch::autograd::Function<BiasGeluBackward> {
 };
 
 struct BiasDropoutResidualBackward : torch::autograd::Function<BiasDropoutResidualBackward> {
+  static constexpr bool is_traceable = true;  // compiled autograd traces backward (see autograd.h)
+
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const Opt& bias, const at::Tensor& residual,
                             double p, c10::SymInt seed, c10::SymInt offset) {
     at::Tensor y;
@@ -117,6 +121,8 @@ struct BiasDropoutResidualBackward : torch::autograd::Function<BiasDropoutResidu
 };
 
 struct GatedActBackward : torch::autograd::Function<GatedActBackward> {
+  static constexpr bool is_traceable = true;  // compiled autograd traces backward (see autograd.h)
+
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const Opt& b, c10::string_view activation) {
     at::Tensor y;
     {

@@ -75,6 +75,8 @@ std::pair<at::Tensor, Opt> incoming(const variable_list& grads, const at::Tensor
 namespace autograd {
 
 struct AddRmsNormBackward : torch::autograd::Function<AddRmsNormBackward> {
+  static constexpr bool is_traceable = true;  // compiled autograd traces backward (see autograd.h)
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const Opt& residual, const Opt& weight,
                                double eps, bool save_output) {
     at::Tensor y, h, rstd;
@@ -100,6 +102,8 @@ struct AddRmsNormBackward : torch::autograd::Function<AddRmsNormBackward> {
 };
 
 struct AddLayerNormBackward : torch::autograd::Function<AddLayerNormBackward> {
+  static constexpr bool is_traceable = true;  // compiled autograd traces backward (see autograd.h)
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const Opt& residual, const Opt& weight,
                                const Opt& bias, double eps, bool save_output) {
     at::Tensor y, h, mean, rstd;

@@ -13,6 +13,11 @@
 namespace pyperf {
 namespace autograd {
 
+// Every Function here sets is_traceable: its backward reads only what torch::autograd::Function hands to compiled
+// autograd (ctx->saved_data, the saved variables, needs_input_grad, materialize_grads) and calls ops through the
+// dispatcher, so torch.compile's compiled autograd can trace it into its graph instead of calling it opaquely
+// (a graph break, and an error under fullgraph=True).
+
 // The op through the dispatcher (so dispatch modes, fake tensors and functionalization see it), looked up once.
 template <class Sig>
 c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
