@@ -1,6 +1,7 @@
 // The one TORCH_LIBRARY(pyperf, m) block: every op schema lives here. Kernels register in
 // csrc/cpu/X.cpp (TORCH_LIBRARY_IMPL(pyperf, CPU, m)) and csrc/cuda/X.cu (TORCH_LIBRARY_IMPL(pyperf, CUDA, m));
-// fakes and autograd in pyperf/ops.py. Keep the sections per feature, in the order of the files.
+// autograd in csrc/autograd/X.cpp (TORCH_LIBRARY_IMPL(pyperf, Autograd, m)); fakes in pyperf/ops.py. Keep the
+// sections per feature, in the order of the files.
 #include <Python.h>
 #include <torch/library.h>
 

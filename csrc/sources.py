@@ -1,6 +1,7 @@
 """The one list of pyperf._C sources, read by setup.py (import) and CMakeLists.txt (`python csrc/sources.py cpu|cuda`).
 
-A feature X adds csrc/cpu/X.cpp and csrc/cuda/X.cu; nothing else needs editing for them to be built.
+A feature X adds csrc/cpu/X.cpp and csrc/cuda/X.cu (and csrc/autograd/X.cpp when its autograd is in C++: built
+for CPU and CUDA builds alike, it holds no device code); nothing else needs editing for them to be built.
 """
 import glob
 import os
@@ -10,7 +11,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def cpu_sources():
-    return [os.path.join(HERE, "pyperf.cpp")] + sorted(glob.glob(os.path.join(HERE, "cpu", "*.cpp")))
+    return ([os.path.join(HERE, "pyperf.cpp")] + sorted(glob.glob(os.path.join(HERE, "cpu", "*.cpp")))
+            + sorted(glob.glob(os.path.join(HERE, "autograd", "*.cpp"))))
 
 
 def cuda_sources():

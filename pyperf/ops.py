@@ -1,5 +1,6 @@
-"""Typed wrappers over torch.ops.pyperf.*, with a fake (meta) kernel for every op and autograd where an op is
-differentiable. The schemas live in csrc/pyperf.cpp; the plain-torch oracle of each op in pyperf/_reference.py.
+"""Typed wrappers over torch.ops.pyperf.*, with a fake (meta) kernel for every op. The schemas live in
+csrc/pyperf.cpp; the autograd of the differentiable ops in C++ (csrc/autograd/X.cpp, at the Autograd key, so
+torch.ops.pyperf.* and these wrappers share it); the plain-torch oracle of each op in pyperf/_reference.py.
 
 Sections follow the features (pack, quant, norm, activation), in the same order as csrc/pyperf.cpp.
 """
@@ -231,8 +232,9 @@ def _reduce_requantize_into_fake(wires, numel, fmt, block_size, scale, stochasti
 # ---- norm ----------------------------------------------------------------------------------------------------
 
 # Residual-add + RMSNorm / LayerNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu; docs/norm.md). The forward returns the
-# per-row statistics for the backward; register_autograd saves either the input stream h (save="input") or the
-# output y (save="output": backward reconstructs xhat = (y - bias) / weight, so weight must have no zeros).
+# per-row statistics for the backward. The autograd is C++ (csrc/autograd/norm.cpp): it saves either the input
+# stream h (save="input") or the output y (save="output": backward reconstructs xhat = (y - bias) / weight, so weight
+# must have no zeros).
 
 
 def _norm_stat_dtype(x):
@@ -287,76 +289,16 @@ def _add_layer_norm_backward_fake(dy, dh, saved, weight, bias, mean, rstd, saved
     return saved.new_empty(saved.shape), _affine_grad_fake(weight, saved), _affine_grad_fake(bias, saved)
 
 
-def _norm_saved(ctx, x, residual, y, h, save_output):
-    # An unused h (or y) output then arrives as None instead of a materialized M x N zero tensor.
-    ctx.set_materialize_grads(False)
-    ctx.has_residual = residual is not None
-    ctx.save_output = bool(save_output)
-    if save_output:
-        return y
-    return h if residual is not None else x
-
-
-def _norm_grads(ctx, saved, dy, dh):
-    dy = torch.zeros_like(saved) if dy is None else dy.contiguous()
-    dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
-    return dy, dh
-
-
-def _add_rms_norm_setup(ctx, inputs, output):
-    x, residual, weight, eps, save_output = inputs
-    y, h, rstd = output
-    ctx.save_for_backward(_norm_saved(ctx, x, residual, y, h, save_output), weight, rstd)
-
-
-def _add_rms_norm_bwd(ctx, dy, dh, drstd):
-    saved, weight, rstd = ctx.saved_tensors
-    dy, dh = _norm_grads(ctx, saved, dy, dh)
-    dx, dw = _lib.add_rms_norm_backward(dy, dh, saved, weight, rstd, ctx.save_output)
-    return dx, (dx if ctx.has_residual else None), (dw if weight is not None else None), None, None
-
-
-def _add_layer_norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, eps, save_output = inputs
-    y, h, mean, rstd = output
-    saved = _norm_saved(ctx, x, residual, y, h, save_output)
-    # With save="output" the mean is not needed: xhat comes from y.
-    ctx.save_for_backward(saved, weight, bias, None if save_output else mean, rstd)
-
-
-def _add_layer_norm_bwd(ctx, dy, dh, dmean, drstd):
-    saved, weight, bias, mean, rstd = ctx.saved_tensors
-    dy, dh = _norm_grads(ctx, saved, dy, dh)
-    dx, dw, db = _lib.add_layer_norm_backward(dy, dh, saved, weight, bias, mean, rstd, ctx.save_output)
-    return (dx, (dx if ctx.has_residual else None), (dw if weight is not None else None),
-            (db if bias is not None else None), None, None)
-
-
-torch.library.register_autograd("pyperf::add_rms_norm", _add_rms_norm_bwd, setup_context=_add_rms_norm_setup)
-torch.library.register_autograd("pyperf::add_layer_norm", _add_layer_norm_bwd, setup_context=_add_layer_norm_setup)
-
-
 def _contig(t):
     return None if t is None else t.contiguous()
-
-
-def _no_autograd(*tensors):
-    """True when no input needs a gradient (inference, frozen layers, no_grad): the op can then skip its Python
-    autograd layer (about 15 us per call on the host), so small shapes are not slower than eager."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return not torch.compiler.is_compiling()
 
 
 def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
                  eps: float = 1e-6, save: str = "input") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h = x + residual (if given); y = h / sqrt(mean(h^2, -1) + eps) * weight. Returns (y, h, rstd); h is an
     empty tensor when residual is None. save="output" makes backward keep y instead of h (weight: no zeros)."""
-    args = (x.contiguous(), _contig(residual), _contig(weight), float(eps), _norm_save_output(save))
-    if _no_autograd(x, residual, weight):
-        with torch._C._AutoDispatchBelowAutograd():
-            return _lib.add_rms_norm(*args)
-    return _lib.add_rms_norm(*args)
+    return _lib.add_rms_norm.default(x.contiguous(), _contig(residual), _contig(weight), float(eps),
+                                     _norm_save_output(save))
 
 
 def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
@@ -364,11 +306,8 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, wei
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """h = x + residual (if given); y = (h - mean) / sqrt(var + eps) * weight + bias over the last dim.
     Returns (y, h, mean, rstd); h is an empty tensor when residual is None."""
-    args = (x.contiguous(), _contig(residual), _contig(weight), _contig(bias), float(eps), _norm_save_output(save))
-    if _no_autograd(x, residual, weight, bias):
-        with torch._C._AutoDispatchBelowAutograd():
-            return _lib.add_layer_norm(*args)
-    return _lib.add_layer_norm(*args)
+    return _lib.add_layer_norm.default(x.contiguous(), _contig(residual), _contig(weight), _contig(bias), float(eps),
+                                       _norm_save_output(save))
 
 
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: Optional[float] = None,
@@ -394,7 +333,8 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Opt
 
 # Fused elementwise layers that save as little as possible for backward: bias+GeLU and SwiGLU/GeGLU save their
 # inputs only (backward recomputes the activation), bias+dropout+residual saves only (p, seed, offset): its mask is
-# regenerated from Philox, never stored. Math in float32 (float64 for float64 inputs, CPU gradcheck).
+# regenerated from Philox, never stored. Math in float32 (float64 for float64 inputs, CPU gradcheck). The autograd
+# is C++ (csrc/autograd/activation.cpp), so a call costs about what an aten op's does on the host.
 
 _GELU_APPROX = ("tanh", "none")
 
@@ -411,32 +351,9 @@ def _fake_bias_grad(x, bias, bias_grad):
     return x.new_empty(bias.shape) if bias_grad else x.new_empty(0)
 
 
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _fast_function(name, op, setup_context, backward):
-    """An autograd.Function running the same setup_context/backward as the op's register_autograd formula.
-    The wrappers below use it when a gradient is needed: torch's generic autograd kernel for custom ops re-reads
-    the op schema on every call (tens of microseconds, growing with the argument count), which would make small
-    shapes slower than eager. Calls through torch.ops.pyperf.* go through register_autograd and give the same
-    gradients."""
-    def forward(ctx, *args):
-        out = op(*args)
-        setup_context(ctx, args, out)
-        return out
-
-    def bwd(ctx, *grads):
-        return backward(ctx, *grads)
-
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
-
-
 def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor] = None, approximate: str = "tanh") -> torch.Tensor:
     """gelu(x + bias), bias over the last dim (or None); approximate "tanh" or "none" as in F.gelu.
     Saves x and bias for backward (not x + bias, not the output)."""
-    if _needs_grad(x, bias):
-        return _BiasGeLUFn.apply(x, bias, approximate)
     return _lib.bias_gelu.default(x, bias, approximate)
 
 
@@ -452,23 +369,6 @@ def _bias_gelu_backward_fake(grad, x, bias, approximate, bias_grad):
     return x.new_empty(x.shape), _fake_bias_grad(x, bias, bias_grad)
 
 
-def _bias_gelu_setup(ctx, inputs, output):
-    x, bias, approximate = inputs
-    ctx.save_for_backward(x, bias)
-    ctx.approximate = approximate
-
-
-def _bias_gelu_bwd(ctx, grad):
-    x, bias = ctx.saved_tensors
-    need_bias = bias is not None and ctx.needs_input_grad[1]
-    gx, gb = _lib.bias_gelu_backward(grad, x, bias, ctx.approximate, need_bias)
-    return gx, (gb if need_bias else None), None
-
-
-torch.library.register_autograd("pyperf::bias_gelu", _bias_gelu_bwd, setup_context=_bias_gelu_setup)
-_BiasGeLUFn = _fast_function("_BiasGeLUFn", _lib.bias_gelu.default, _bias_gelu_setup, _bias_gelu_bwd)
-
-
 def bias_dropout_residual(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor, p: float,
                           seed: int, offset: int = 0, training: bool = True) -> torch.Tensor:
     """residual + dropout(x + bias, p). The mask is Philox(seed, offset) at each element's flat index: the same
@@ -477,10 +377,8 @@ def bias_dropout_residual(x: torch.Tensor, bias: Optional[torch.Tensor], residua
     p == 1 drops everything. Saves nothing but (p, seed, offset) for backward."""
     if not training:
         p = 0.0
-    args = (x, bias, residual, float(p), _as_int64(seed, "seed"), _as_int64(offset, "offset"))
-    if _needs_grad(x, bias, residual):
-        return _BiasDropoutResidualFn.apply(*args)
-    return _lib.bias_dropout_residual.default(*args)
+    return _lib.bias_dropout_residual.default(x, bias, residual, float(p), _as_int64(seed, "seed"),
+                                              _as_int64(offset, "offset"))
 
 
 @torch.library.register_fake("pyperf::bias_dropout_residual")
@@ -494,28 +392,9 @@ def _bias_dropout_residual_backward_fake(grad, p, seed, offset, bias_grad):
     return grad.new_empty(grad.shape), (grad.new_empty(grad.shape[-1:]) if bias_grad else grad.new_empty(0))
 
 
-def _bdr_setup(ctx, inputs, output):
-    x, bias, residual, p, seed, offset = inputs
-    ctx.has_bias = bias is not None
-    ctx.p, ctx.seed, ctx.offset = p, seed, offset
-
-
-def _bdr_bwd(ctx, grad):
-    need_bias = ctx.has_bias and ctx.needs_input_grad[1]
-    gx, gb = _lib.bias_dropout_residual_backward(grad, ctx.p, ctx.seed, ctx.offset, need_bias)
-    return gx, (gb if need_bias else None), grad, None, None, None
-
-
-torch.library.register_autograd("pyperf::bias_dropout_residual", _bdr_bwd, setup_context=_bdr_setup)
-_BiasDropoutResidualFn = _fast_function("_BiasDropoutResidualFn", _lib.bias_dropout_residual.default, _bdr_setup,
-                                        _bdr_bwd)
-
-
 def gated_act(a: torch.Tensor, b: Optional[torch.Tensor] = None, activation: str = "silu") -> torch.Tensor:
     """act(a) * b with activation "silu" | "gelu" | "gelu_tanh". b None: a is split in half on the last dim
     (a[..., :h] is gated, a[..., h:] is the linear half). Saves the inputs only."""
-    if _needs_grad(a, b):
-        return _GatedActFn.apply(a, b, activation)
     return _lib.gated_act.default(a, b, activation)
 
 
@@ -547,19 +426,3 @@ def _gated_act_fake(a, b, activation):
 @torch.library.register_fake("pyperf::gated_act_backward")
 def _gated_act_backward_fake(grad, a, b, activation):
     return a.new_empty(a.shape), (a.new_empty(0) if b is None else a.new_empty(a.shape))
-
-
-def _gated_setup(ctx, inputs, output):
-    a, b, activation = inputs
-    ctx.save_for_backward(a, b)
-    ctx.activation = activation
-
-
-def _gated_bwd(ctx, grad):
-    a, b = ctx.saved_tensors
-    ga, gb = _lib.gated_act_backward(grad, a, b, ctx.activation)
-    return ga, (gb if b is not None else None), None
-
-
-torch.library.register_autograd("pyperf::gated_act", _gated_bwd, setup_context=_gated_setup)
-_GatedActFn = _fast_function("_GatedActFn", _lib.gated_act.default, _gated_setup, _gated_bwd)

@@ -454,7 +454,8 @@ def test_errors():
 
 
 def test_wrapper_and_registered_autograd_agree():
-    """ops.* take a lean autograd.Function path; torch.ops.pyperf.* the register_autograd one: same gradients."""
+    """ops.* and torch.ops.pyperf.* share the one C++ autograd kernel (csrc/autograd/activation.cpp): same values and
+    gradients."""
     x, b, r = _d((6, 10)), _d((10,)), _d((6, 10))
     L = torch.ops.pyperf
     pairs = [
@@ -502,3 +503,59 @@ def test_benchmark_cases_run():
         for name, fn in c.impls.items():
             fn(inputs)
             fn(inputs)   # bwd-only impls reuse their retained graph
+
+
+def test_autograd_is_cpp_and_skips_frozen_bias_grads():
+    """The autograd is the C++ kernel at the Autograd key (csrc/autograd/activation.cpp), and its backward asks for
+    the bias-gradient reduction only when the bias needs a gradient (the bias is graph edge 1 when given)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    for op in ("bias_gelu", "bias_dropout_residual", "gated_act"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("pyperf::" + op, "Autograd"), op
+
+    class Flags(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bias_grad = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.pyperf.bias_gelu_backward.default,
+                        torch.ops.pyperf.bias_dropout_residual_backward.default):
+                self.bias_grad.append(args[-1])
+            return func(*args, **(kwargs or {}))
+
+    x, r = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8)
+    for bias_rg, residual_rg in ((False, False), (True, False), (False, True), (True, True)):
+        b = torch.randn(8, requires_grad=bias_rg)
+        r.requires_grad_(residual_rg)
+        y = ops.bias_gelu(x, b) + ops.bias_dropout_residual(x, b, r, 0.5, 1, 2) + ops.swiglu(x, r)
+        assert "pyperf::autograd::BiasGeluBackward" in ops.bias_gelu(x, b).grad_fn.name()
+        with Flags() as f:
+            y.sum().backward()
+        assert f.bias_grad == [bias_rg, bias_rg], (bias_rg, residual_rg, f.bias_grad)
+        assert (b.grad is not None) == bias_rg and (r.grad is not None) == residual_rg
+        r.grad = None
+    with torch.no_grad():
+        assert ops.bias_gelu(x, b).grad_fn is None and not ops.swiglu(x).requires_grad
+
+
+def test_compiled_autograd_traces_the_backward():
+    """The C++ autograd Functions are is_traceable: torch.compile's compiled autograd traces their backward with
+    fullgraph=True (an opaque C++ node would be a graph break) and gives the eager gradients bit for bit."""
+    import torch._dynamo.compiled_autograd as ca
+    x, r = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
+    for bias_rg in (True, False):
+        b = torch.randn(16, requires_grad=bias_rg)
+        leaves = [t for t in (x, r, b) if t.requires_grad]
+
+        def loss(seed):
+            z = ops.bias_gelu(x, b, "none") + ops.bias_dropout_residual(x, b, r, 0.3, seed, 6) + ops.geglu(x, r)
+            return z.square().sum()
+
+        for seed in (5, 6):
+            want = torch.autograd.grad(loss(seed), leaves)
+            torch._dynamo.reset()
+            with ca._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+                got = torch.autograd.grad(loss(seed), leaves)
+            for g, w in zip(got, want):
+                assert torch.equal(g, w)

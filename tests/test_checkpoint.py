@@ -332,13 +332,14 @@ def test_no_grad_and_kwargs_pass_through():
     assert torch.allclose(x.grad, 3.0 * blk.module.lin.weight.sum(0).expand(3, 4))
 
 
-def _ddp_body(rank, world_size):
+def _ddp_body(rank, world_size, fused=False):
     from torch.nn.parallel import DistributedDataParallel as DDP
     idx, tgt = _batch(B=4)
     shard = slice(rank * 2, rank * 2 + 2)
-    for policy, budget in [("full", None), ("selective", None), (None, "40%")]:
+    plans = [("full", None), ("selective", None)] + ([] if fused else [(None, "40%")])
+    for policy, budget in plans:
         torch.manual_seed(0)
-        model = GPT(GPTConfig(**{**CFG, "dropout": 0.0}))
+        model = GPT(GPTConfig(**{**CFG, "dropout": 0.0, "fused": fused}))
         ref = copy.deepcopy(model)
         if budget is not None:
             plan = checkpoint_blocks(model, memory_budget=budget, example_inputs=(idx[:1], tgt[:1]), reps=1)
@@ -360,6 +361,14 @@ def test_ddp_two_ranks():
     """find_unused_parameters=False, full / selective / budget plans: no "marked ready twice", the gradients of
     the full batch."""
     run_ranks(_ddp_body, 2)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_fused():
+    """The same with pyperf's fused layers (their C++ autograd under DDP's hooks and checkpoint's recompute)."""
+    if not fused_layers_available():
+        pytest.skip("pyperf.nn fused layers not in this build")
+    run_ranks(_ddp_body, 2, True)
 
 
 needs_fused = pytest.mark.skipif(not fused_layers_available(), reason="pyperf.nn fused layers not in this build")

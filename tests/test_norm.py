@@ -496,3 +496,43 @@ def test_only_residual_stream_used(kind):
     torch.testing.assert_close(grads[1], gh)
     for g in grads[2:]:
         assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_autograd_is_cpp():
+    """One autograd, the C++ kernel at the Autograd key (csrc/autograd/norm.cpp): the wrappers and torch.ops.pyperf.*
+    record the same node, and nothing is recorded without gradients."""
+    for op in ("add_rms_norm", "add_layer_norm"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("pyperf::" + op, "Autograd"), op
+    x = torch.randn(3, 8, requires_grad=True)
+    assert "pyperf::autograd::AddLayerNormBackward" in ops.add_layer_norm(x)[0].grad_fn.name()
+    y = torch.ops.pyperf.add_rms_norm(x, None, None, 1e-5)[0]
+    assert "pyperf::autograd::AddRmsNormBackward" in y.grad_fn.name()
+    with torch.no_grad():
+        assert ops.add_layer_norm(x)[0].grad_fn is None
+    assert ops.add_rms_norm(x.detach())[0].grad_fn is None
+
+
+@pytest.mark.parametrize("save", ["input", "output"])
+def test_compiled_autograd_traces_the_backward(save):
+    """The C++ autograd Functions are is_traceable: compiled autograd traces their backward with fullgraph=True
+    and gives the eager gradients bit for bit (residual or not, frozen weight or not)."""
+    import torch._dynamo.compiled_autograd as ca
+    x, r, w, b = _inputs("ln", 4, 16, torch.float32, "cpu", away_from_zero=True)
+    x.requires_grad_(True)
+    r.requires_grad_(True)
+    for w_rg, res in ((True, r), (False, None)):
+        w.requires_grad_(w_rg)
+        b.requires_grad_(w_rg)
+        leaves = [t for t in (x, res, w, b) if t is not None and t.requires_grad]
+
+        def loss():
+            y, h, _, _ = ops.add_layer_norm(x, res, w, b, 1e-5, save)
+            y2, _, _ = ops.add_rms_norm(y, None, w, 1e-5, save)
+            return (y2.square().sum() + (h.sum() if res is not None else 0))
+
+        want = torch.autograd.grad(loss(), leaves)
+        torch._dynamo.reset()
+        with ca._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+            got = torch.autograd.grad(loss(), leaves)
+        for g, c in zip(got, want):
+            assert torch.equal(g, c)
