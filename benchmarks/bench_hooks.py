@@ -10,6 +10,9 @@ The in-process timing of each impl (what the harness times with `impls`) is the 
 no network: the fused casts, pack/quantize/reduce/dequantize kernels, torch's casts and quantizers.
 
     python3 -m pyperf.bench hooks            # or: python3 benchmarks/bench_hooks.py [--quick]
+
+On a shared machine add --threads 1: a 2-thread CPU op whose second thread is descheduled waits for it, and the
+same work then times 10-20x apart within one run.
 """
 import os
 import sys
