@@ -10,6 +10,9 @@ The in-process timing of each impl (what the harness times with `impls`) is the 
 no network: the fused casts, pack/quantize/reduce/dequantize kernels, torch's casts and quantizers.
 
     python3 -m pyperf.bench hooks            # or: python3 benchmarks/bench_hooks.py [--quick]
+
+On a shared machine add --threads 1: a 2-thread CPU op whose second thread is descheduled waits for it, and the
+same work then times 10-20x apart within one run.
 """
 import os
 import sys
@@ -185,50 +188,86 @@ def measure_all(W, nbytes, impls, iters):
             return json.load(f)
 
 
+class _Work:
+    """The buffers a hook keeps from step to step for one bucket (pyperf's _Plan: padded fp32 bucket, wire,
+    error-feedback residuals, the receive buffer of the all-to-all), built once per input set in setup(), plus `out`:
+    where a hook's result lands instead of the bucket itself, so that repeated calls never scale their own input
+    (in place, 1/W per call would decay it into denormals)."""
+
+    FMTS = ("int8", "int4", "fp8_e4m3")
+
+    def __init__(self, bucket, W, B=256):
+        from pyperf import ops
+        from pyperf.comm.quantized import chunk_numel
+        self.W, self.B = W, B
+        self.out = torch.empty_like(bucket.buf)
+        self.out_grads, o = [], 0                     # the bucket's gradient views, on `out`
+        for g in bucket.grads:
+            self.out_grads.append(self.out[o:o + g.numel()].view(g.shape))
+            o += g.numel()
+        self.total = ops.pack_layout([g.numel() for g in bucket.grads], align=B)[1]
+        self.P = ops.pack(bucket.grads, out_dtype=torch.float32, align=B)
+        self.res = torch.zeros(self.total)
+        self.C = chunk_numel(self.total, W, B)
+        self.srv = torch.zeros(self.C)
+        self.wire = {f: ops.quantize(self.P, f, B) for f in self.FMTS}
+        self.send = {f: torch.empty_like(w) for f, w in self.wire.items()}
+        # what the all-to-all delivers: W chunks of C values (the network writes it, not the hook: filled here once)
+        self.recv = {}
+        for f in self.FMTS:
+            wb = ops.wire_bytes(self.C, f, B)
+            self.recv[f] = ops.quantize(self.P[:self.C], f, B)[:wb].repeat(W, 1)
+
+
 def _local_impls(W):
-    """One rank's local work per bucket, no network (what the harness times in-process)."""
+    """One rank's local work per bucket, no network (what the harness times in-process): what each hook does to
+    the bucket between its collectives, with the allocations the real hook makes and no others (pyperf's quantized
+    hook reuses its plan's buffers and residuals; torch's allreduce_hook divides the bucket in place; the cast hooks
+    allocate the compressed tensor and copy the result back into the bucket)."""
     from pyperf import ops
-    from pyperf.comm.quantized import chunk_numel
 
     def quant(fmt):
         def fn(inp):
-            buf, grads = inp
-            n = buf.numel()
-            C = chunk_numel(n, W, 256)
-            P = ops.pack(grads, out_dtype=torch.float32, align=256)
-            wire = ops.quantize(P, fmt)
-            wb = ops.wire_bytes(C, fmt)
-            wires = wire[:wb].repeat(W, 1)
-            red = ops.reduce_quantized(wires, C, fmt, scale=1.0 / W, requantize=True)
-            ops.dequantize(wire, P.numel(), fmt, out=P)
-            ops.unpack(P, grads, align=256)
+            _, grads, w = inp
+            ops.pack(grads, out_dtype=torch.float32, align=w.B, out=w.P)               # bucket -> padded fp32
+            ops.quantize(w.P, fmt, w.B, residual=w.res, out=w.wire[fmt])              # + client error feedback
+            w.send[fmt].copy_(w.wire[fmt])                                            # blocks to per-owner segments
+            red = ops.reduce_quantized(w.recv[fmt], w.C, fmt, w.B, scale=1.0 / W, requantize=True,
+                                       residual=w.srv)                                # + server error feedback
+            ops.dequantize(w.wire[fmt], w.total, fmt, w.B, out=w.P)                   # the gathered wires -> fp32
+            ops.unpack(w.P, w.out_grads, align=w.B)                                   # -> the bucket
             return red
         return fn
 
-    # never scale the inputs in place: repeated calls would decay them into denormals
-    def cast(dtype):
+    def cast(dtype):                                  # pyperf bf16/fp16: scale and cast in one pass
         def fn(inp):
-            buf, _ = inp
+            buf, _, w = inp
             c = torch.empty(buf.shape, dtype=dtype)
-            torch.mul(buf, 1.0 / W, out=c)          # pyperf: scale and cast in one pass
-            return c.float()
+            torch.mul(buf, 1.0 / W, out=c)
+            w.out.copy_(c)                            # decompress: the all-reduced values back into the bucket
+            return w.out
         return fn
 
-    def torch_cast(dtype):
+    def torch_cast(dtype):                            # torch's *_compress_hook: cast, scale, copy back
         def fn(inp):
-            buf, _ = inp
-            return buf.to(dtype).div_(W).float()     # torch's *_compress_hook: cast, then scale
+            buf, _, w = inp
+            c = buf.to(dtype).div_(W)
+            w.out.copy_(c)
+            return w.out
         return fn
 
-    def torch_pertensor(inp):
-        buf, _ = inp
-        mn, mx = float(buf.min()), float(buf.max())
-        scale = max((mx - mn) / 255, 1e-12)
-        q = torch.quantize_per_tensor(buf, scale, int(round(-mn / scale)), torch.quint8)
-        return q.dequantize()
+    def torch_pertensor(inp):                         # MinMaxObserver, quantize, W dequantizes summed, / W
+        buf, _, w = inp
+        mn, mx = torch.aminmax(buf)
+        scale = max((float(mx) - float(mn)) / 255, 1e-12)
+        q = torch.quantize_per_tensor(buf, scale, int(round(-float(mn) / scale)), torch.quint8)
+        w.out.zero_()
+        for _ in range(W):
+            w.out.add_(q.dequantize())
+        return w.out.div_(W)
 
     def powersgd(inp):
-        _, grads = inp
+        _, grads, _ = inp
         for g in grads:                               # rank-4 P = M Q, orthogonalize, Q = M^T P, M ~ P Q^T
             if g.dim() < 2:
                 continue
@@ -240,8 +279,8 @@ def _local_impls(W):
 
     impls = {"pyperf int8": quant("int8"), "pyperf int4": quant("int4"), "pyperf fp8": quant("fp8_e4m3"),
              "pyperf bf16": cast(torch.bfloat16), "pyperf fp16": cast(torch.float16),
-             "pyperf allreduce": lambda inp: torch.mul(inp[0], 1.0 / W),
-             "torch allreduce_hook": lambda inp: inp[0].div(W),
+             "pyperf allreduce": lambda inp: torch.mul(inp[0], 1.0 / W, out=inp[2].out),     # the hook: mul_
+             "torch allreduce_hook": lambda inp: torch.div(inp[0], W, out=inp[2].out),       # the hook: div_
              "torch fp16_compress_hook": torch_cast(torch.float16),
              "torch bf16_compress_hook": torch_cast(torch.bfloat16),
              "torch quantization_pertensor_hook": torch_pertensor,
@@ -261,9 +300,9 @@ def cases(device, dtype, quick):
             impls = _local_impls(W)
             cache = {}
 
-            def setup(shapes=shapes):
+            def setup(shapes=shapes, W=W):
                 b = FakeBucket(shapes, seed=0)
-                return b.buf, b.grads
+                return b.buf, b.grads, _Work(b, W)
 
             def measure(impl, inputs, W=W, nbytes=nbytes, cache=cache, impls=impls, quick=quick):
                 if not cache:
@@ -275,7 +314,7 @@ def cases(device, dtype, quick):
                             setup=setup, impls=impls, bytes=2 * n * 4, baseline="torch allreduce_hook",
                             extra={"world_size": W, "numel": n,
                                    "note": "in-process time: one rank's local work; metrics: real Gloo ranks"},
-                            measure=measure, rotate=False))
+                            measure=measure))      # rotated input sets: a bucket must not sit in the LLC
     return out
 
 

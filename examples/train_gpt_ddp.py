@@ -148,7 +148,7 @@ class TorchHookState:
             self.torch_state.__setstate__(sd["powersgd"])
 
 
-def register_hook(ddp, kind, world_size, seed):
+def register_hook(ddp, kind, world_size, seed, start_iter=0):
     """-> a hook state with .stats (cumulative bytes) and state_dict()/load_state_dict()."""
     if kind in TORCH_HOOKS:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
@@ -163,7 +163,9 @@ def register_hook(ddp, kind, world_size, seed):
             ddp.register_comm_hook(st.torch_state, powerSGD_hook.powerSGD_hook)
         return st
     hooks = _pyperf_feature("pyperf.hooks", "--hook %s" % kind)
-    return hooks.register(ddp, kind, seed=seed) if kind in ("int8", "int4", "fp8") else hooks.register(ddp, kind)
+    if kind in ("int8", "int4", "fp8"):
+        return hooks.register(ddp, kind, seed=seed, start_iter=start_iter)
+    return hooks.register(ddp, kind)
 
 
 def stats_dict(state):
@@ -178,8 +180,19 @@ def stat_bytes(state):
 
 
 # ----------------------------------------------------------------------------------------------------------- train
+def warmup_steps(args):
+    return max(1, args.steps // 20)
+
+
+def start_iter(args):
+    """Steps sent uncompressed before the quantized hooks start: --start-iter, by default twice the LR warm-up.
+    With AdamW, quantization noise while the optimizer's moments are young and the LR reaches its peak can set off
+    a loss spike the run never recovers from (docs/hooks.md)."""
+    return 2 * warmup_steps(args) if args.start_iter < 0 else args.start_iter
+
+
 def lr_at(step, args):
-    warm = max(1, args.steps // 20)
+    warm = warmup_steps(args)
     if step < warm:
         return args.lr * (step + 1) / warm
     frac = (step - warm) / max(1, args.steps - warm)
@@ -265,7 +278,7 @@ def train(args, hook, rank, world, device, corpus):
     x0, y0 = [t.to(device) for t in Batches(corpus, args.seq_len, args.batch_size, rank, world, args.seed).next()]
     F.cross_entropy(ddp(x0).flatten(0, 1), y0.flatten()).backward()
     opt.zero_grad(set_to_none=True)
-    state = register_hook(ddp, hook, world, args.seed)
+    state = register_hook(ddp, hook, world, args.seed, start_iter(args))
     if ck is not None:
         if state is not None and ck["hook_state"][rank] is not None:
             state.load_state_dict(_to(ck["hook_state"][rank], device))
@@ -467,6 +480,8 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--start-iter", type=int, default=-1, help="int8/int4/fp8: plain fp32 all-reduce for the first N "
+                   "steps (default -1: twice the LR warm-up, steps/10)")
     p.add_argument("--bucket-cap-mb", type=float, default=25.0)
     p.add_argument("--data-bytes", type=int, default=8 << 20, help="bytes of stdlib source to train on")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per rank (default: cores / ranks)")

@@ -3,6 +3,7 @@ view, static graph, unused parameters, no_sync, bf16 parameters), error feedback
 bit-identical checkpoint/resume, independence from DDP's bucket layout, statistics, bad input, convergence."""
 import copy
 import gc
+import math
 
 import pytest
 import torch
@@ -302,36 +303,88 @@ def test_resume_bit_identical_and_layout_independent_4_ranks():
     run_ranks(_run_all, 4, [_body_resume_layout], RESUME_CONFIGS[:1])
 
 
-# ---- convergence --------------------------------------------------------------------------------------------------
-def _body_converge(rank, W, out):
-    from pyperf import hooks
+# ---- convergence ----------------------------------------------------------------------------------------------------
+def _teacher_data():
     g = torch.Generator().manual_seed(123)
     teacher = torch.randn(32, 8, generator=g) / 4
     xs = torch.randn(4096, 32, generator=g)
     ys = torch.tanh(xs @ teacher) + 0.01 * torch.randn(4096, 8, generator=g)
+    return xs, ys
+
+
+def _converge(rank, kind, make_opt, hook_kw, steps=300, lr_at=None):
+    """Final eval loss of _model(seed=1) trained `steps` steps on the teacher task with `kind` (same seeds and data
+    for every kind: rank r draws its batches from generator seed r)."""
+    from pyperf import hooks
+    xs, ys = _teacher_data()
     xe, ye = xs[-512:], ys[-512:]
-    res = {}
-    for kind in ("allreduce", "int8", "int4", "fp8"):
-        ddp = DDP(_model(seed=1))
-        hooks.register(ddp, kind, min_numel=0, block_size=64)
-        # SGD with momentum: the setting error feedback is analysed for. (With Adam at lr 3e-3 this toy ends int4 +6.8%
-        # off, int8 and fp8 +0.2%: Adam's per-coordinate normalisation amplifies int4's noise; see docs/hooks.md.)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
-        gb = torch.Generator().manual_seed(rank)
-        for step in range(300):
-            idx = torch.randint(0, 3584, (32,), generator=gb)
-            opt.zero_grad()
-            (ddp(xs[idx]) - ys[idx]).square().mean().backward()
-            opt.step()
-        with torch.no_grad():
-            res[kind] = float((ddp.module(xe) - ye).square().mean())
+    ddp = DDP(_model(seed=1))
+    hooks.register(ddp, kind, **({} if kind == "allreduce" else hook_kw))
+    opt = make_opt(ddp.parameters())
+    gb = torch.Generator().manual_seed(rank)
+    for step in range(steps):
+        if lr_at is not None:
+            for pg in opt.param_groups:
+                pg["lr"] = lr_at(step)
+        idx = torch.randint(0, 3584, (32,), generator=gb)
+        opt.zero_grad()
+        (ddp(xs[idx]) - ys[idx]).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        return float((ddp.module(xe) - ye).square().mean())
+
+
+BOUNDS = (("int8", 0.02), ("int4", 0.05), ("fp8", 0.03))      # issue 3: final loss within 2% / 5% / 3%
+
+
+def _check_bounds(res, what):
+    base = res["allreduce"]
+    for kind, tol in BOUNDS:
+        assert abs(res[kind] - base) <= tol * base, (what, kind, res)
+
+
+def _body_converge(rank, W, out):
+    # SGD with momentum: the setting error feedback is analysed for. (With Adam at a constant lr 3e-3 this toy is
+    # still halving its loss every ~50 steps at step 300, so the final loss measures speed: int4 (block 64) ends
+    # +6.8%, i.e. 4 steps behind; int8 and fp8 +0.2%. The AdamW test below uses the demo's lr schedule.)
+    res = {kind: _converge(rank, kind, lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9),
+                           dict(min_numel=0, block_size=64))
+           for kind in ("allreduce", "int8", "int4", "fp8")}
     if rank == 0:
-        print("final eval loss after 300 steps:", res, flush=True)
-        base = res["allreduce"]
-        for kind, tol in (("int8", 0.02), ("int4", 0.05), ("fp8", 0.03)):
-            assert abs(res[kind] - base) <= tol * base, (kind, res)
+        print("SGD: final eval loss after 300 steps:", res, flush=True)
+        _check_bounds(res, "SGD")
+
+
+def _adamw_lr(step, steps=300, lr=1e-2):
+    warm = steps // 20          # the demo's schedule (examples/train_gpt_ddp.py): linear warm-up, cosine to 10%
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / (steps - warm))))
+
+
+def _body_converge_adamw(rank, W, out):
+    adamw = lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)   # noqa: E731
+    # start_iter=30 (the default is 0): with Adam-family optimizers, send the first steps uncompressed, past the LR
+    # warm-up (15 steps here): the recommended setting (docs/hooks.md). Quantization noise while Adam's moments are
+    # young and the LR is at its peak is what costs (the demo GPT at start_iter=0: int8 +7.5%, int4 +9.5%, fp8 +8.0%
+    # final loss after a spike at step 18; at start_iter=30: +0.03%, +0.6%, +0.1%). min_numel=0: every parameter of
+    # this small MLP is quantized. block_size is the default, 256.
+    kw = dict(start_iter=30, min_numel=0)
+    res = {kind: _converge(rank, kind, adamw, kw, lr_at=_adamw_lr) for kind in ("allreduce", "int8", "int4", "fp8")}
+    # the test can fail: int4 without error feedback on coarse blocks ends ~7% above allreduce (measured +7.4%)
+    broken = _converge(rank, "int4", adamw, dict(block_size=4096, min_numel=0, error_feedback=False),
+                       lr_at=_adamw_lr)
+    if rank == 0:
+        print("AdamW: final eval loss after 300 steps:", res, "int4 no EF, block 4096:", broken, flush=True)
+        _check_bounds(res, "AdamW")
+        assert broken > 1.05 * res["allreduce"], ("the AdamW convergence test lost its power", broken, res)
 
 
 @pytest.mark.slow
 def test_convergence_300_steps_2_ranks():
     run_ranks(_run_all, 2, [_body_converge], {})
+
+
+@pytest.mark.slow
+def test_convergence_adamw_300_steps_2_ranks():
+    run_ranks(_run_all, 2, [_body_converge_adamw], {})
