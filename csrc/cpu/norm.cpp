@@ -89,11 +89,10 @@ template <typename scalar_t, typename acc_t>
 PYPERF_INLINE void add_convert_row(const scalar_t* PYPERF_RESTRICT x, const scalar_t* PYPERF_RESTRICT r,
                                    scalar_t* PYPERF_RESTRICT h, acc_t* PYPERF_RESTRICT v, int64_t n) {
   if (r && v) {
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t t = static_cast<scalar_t>(static_cast<acc_t>(x[j]) + static_cast<acc_t>(r[j]));
-      h[j] = t;
-      v[j] = static_cast<acc_t>(t);
-    }
+    // Two loops: one loop with both stores (two element widths) is left scalar by the compiler.
+    for (int64_t j = 0; j < n; ++j)
+      v[j] = static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(x[j]) + static_cast<acc_t>(r[j])));
+    for (int64_t j = 0; j < n; ++j) h[j] = static_cast<scalar_t>(v[j]);  // exact: v holds rounded values
   } else if (r) {
     for (int64_t j = 0; j < n; ++j) h[j] = static_cast<scalar_t>(static_cast<acc_t>(x[j]) + static_cast<acc_t>(r[j]));
   } else {
