@@ -13,7 +13,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -445,12 +444,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(
   return {y, h, mean, rstd};
 }
 
-static at::Tensor affine_grad_out(const c10::optional<at::Tensor>& p, const at::Tensor& like, int64_t M) {
-  if (!norm::present(p)) return norm::empty_none(like);
-  // With no rows the gradient is zero (and no kernel writes it).
-  return M == 0 ? at::zeros(p->sizes(), p->options()) : at::empty(p->sizes(), p->options());
-}
-
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_backward_cpu(const at::Tensor& dy, const c10::optional<at::Tensor>& dh,
                                                              const at::Tensor& saved,
                                                              const c10::optional<at::Tensor>& weight,
@@ -458,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_backward_cpu(const at::Tensor& d
   const norm::Rows rows = norm::check_bwd(dy, dh, saved, weight, c10::nullopt, c10::nullopt, rstd, saved_is_output,
                                           /*layer_norm=*/false, /*allow_double=*/true);
   at::Tensor dx = norm::empty_like_x(saved);
-  at::Tensor dweight = affine_grad_out(weight, saved, rows.M);
+  at::Tensor dweight = norm::affine_grad_out(weight, saved, rows.M);
   at::Tensor dbias_unused;
   PYPERF_DISPATCH_FLOAT(saved.scalar_type(), "add_rms_norm_backward_cpu", [&] {
     norm_bwd<scalar_t, true>(dy, dh, saved, weight, c10::nullopt, c10::nullopt, rstd, saved_is_output, dx, dweight,
@@ -474,8 +467,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cpu(
   const norm::Rows rows = norm::check_bwd(dy, dh, saved, weight, bias, mean, rstd, saved_is_output,
                                           /*layer_norm=*/true, /*allow_double=*/true);
   at::Tensor dx = norm::empty_like_x(saved);
-  at::Tensor dweight = affine_grad_out(weight, saved, rows.M);
-  at::Tensor dbias = affine_grad_out(bias, saved, rows.M);
+  at::Tensor dweight = norm::affine_grad_out(weight, saved, rows.M);
+  at::Tensor dbias = norm::affine_grad_out(bias, saved, rows.M);
   PYPERF_DISPATCH_FLOAT(saved.scalar_type(), "add_layer_norm_backward_cpu", [&] {
     norm_bwd<scalar_t, false>(dy, dh, saved, weight, bias, mean, rstd, saved_is_output, dx, dweight, dbias, rows);
   });
