@@ -1,11 +1,12 @@
 // CPU kernels of residual-add + RMSNorm / LayerNorm, forward and backward.
 //
 // Rows are split over threads with at::parallel_for. Per row the forward makes three passes (LayerNorm: sum,
-// sum of squared deviations, output; RMSNorm: two) and the backward two (the row sums together with the
-// weight/bias partials and g = dy * w into a row buffer, then dx), each over one row that stays in L1/L2. float32/float64 rows are read in place;
-// bf16/fp16 rows are converted once per row into a float buffer (the forward) or converted on the fly (the
-// backward, whose two passes read dy and the saved tensor again from cache). No per-call scratch besides the
-// small weight-gradient partials, which are reused between calls: a fresh page costs several microseconds on a VM.
+// sum of squared deviations, output; RMSNorm: two) and the backward three (g = dy * w with the weight/bias
+// partials, the row sums, dx), each over one row that stays in cache after the first. float32/float64 rows are
+// read in place; bf16/fp16 rows are converted once per row into a float buffer in the forward and on the fly in
+// the backward. Every loop is written so that the compiler vectorizes it (restrict rows, one store width per
+// loop, no reduction mixed with stores): a loop it leaves scalar costs 2-4x. The small weight-gradient partials
+// are reused between calls: a fresh page costs several microseconds on a VM.
 // Reductions use kLanes partial sums in a fixed order folded by a fixed tree: vectorizable without -ffast-math,
 // and the same bits whatever the thread count. The weight/bias gradients are reduced per fixed group of rows
 // (independent of the thread count) and then summed over the groups in order: deterministic.
@@ -262,53 +263,76 @@ struct BwdArgs {
   int64_t M, N, G;
 };
 
-// The sum of a * b over one row.
-template <typename acc_t>
-PYPERF_INLINE acc_t row_dot(const acc_t* PYPERF_RESTRICT a, const acc_t* PYPERF_RESTRICT b, int64_t n) {
-  acc_t part[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) part[k] += a[j + k] * b[j + k];
-  for (int k = 0; j < n; ++j, ++k) part[k] += a[j] * b[j];
-  return fold_lanes(part);
+// xhat of one element: (x - mean) * rstd from the input, or (y - b) / w from the output (SAVED_OUT; ib = b or 0,
+// iw = 1 / w or 1; w must have no zeros, docs/norm.md). A subtraction then a product: no FMA can fuse them, so
+// every pass that recomputes it gets the same bits.
+template <bool SAVED_OUT, typename acc_t>
+PYPERF_INLINE acc_t xhat_of(acc_t s, acc_t mu, acc_t rs, const acc_t* PYPERF_RESTRICT ibp,
+                            const acc_t* PYPERF_RESTRICT iwp, int64_t j) {
+  if constexpr (SAVED_OUT) {
+    return (s - ibp[j]) * iwp[j];
+  } else {
+    return (s - mu) * rs;
+  }
 }
 
 // One row of the backward, in three loops that each vectorize on their own (one loop doing the elementwise work
 // and the row sums together stays scalar: the compiler cannot prove the partial-sum lanes apart from the rows):
-//  1. from dy and the saved row (the only reads from memory): g = dy * w and xhat into row buffers, and the
-//     weight / bias gradient partials of the group (DW / DB). xhat is (x - mean) * rstd from the input, or
-//     (y - b) / w from the output (SAVED_OUT; ib = b or 0, iw = 1 / w or 1; w must have no zeros, docs/norm.md);
-//  2. the row sums of g and g * xhat (L1);
-//  3. dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dh), from the same g and xhat that were summed.
+//  1. from dy and the saved row (the reads from memory): g = dy * w into a row buffer, and the weight / bias
+//     gradient partials of the group (DW / DB);
+//  2. the row sums of g and g * xhat (from cache);
+//  3. dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dh).
+// g is kept rather than recomputed so that dx subtracts exactly the values that were summed: a recomputed dy * w
+// could be fused into an FMA with the subtraction and differ in the last bit, which rstd amplifies when the
+// variance is ~0. xhat is recomputed (see xhat_of): one buffer less keeps the row's working set in L1.
 template <typename scalar_t, typename acc_t, bool RMS, bool SAVED_OUT, bool DW, bool DB>
 PYPERF_INLINE void bwd_row(const scalar_t* PYPERF_RESTRICT dyr, const scalar_t* PYPERF_RESTRICT sr,
                            const scalar_t* PYPERF_RESTRICT dhr, const acc_t* PYPERF_RESTRICT wp,
                            const acc_t* PYPERF_RESTRICT ibp, const acc_t* PYPERF_RESTRICT iwp, acc_t mu, acc_t rs,
                            acc_t inv_n, acc_t* PYPERF_RESTRICT dwp, acc_t* PYPERF_RESTRICT dbp,
-                           acc_t* PYPERF_RESTRICT gb, acc_t* PYPERF_RESTRICT xb, scalar_t* PYPERF_RESTRICT dxr,
-                           int64_t N) {
+                           acc_t* PYPERF_RESTRICT gb, scalar_t* PYPERF_RESTRICT dxr, int64_t N) {
   for (int64_t j = 0; j < N; ++j) {
     const acc_t d = static_cast<acc_t>(dyr[j]);
-    const acc_t s = static_cast<acc_t>(sr[j]);
-    acc_t xh;
-    if constexpr (SAVED_OUT) {
-      xh = (s - ibp[j]) * iwp[j];
-    } else {
-      xh = (s - mu) * rs;
-    }
     gb[j] = d * wp[j];
-    xb[j] = xh;
-    if constexpr (DW) dwp[j] += d * xh;
+    if constexpr (DW) dwp[j] += d * xhat_of<SAVED_OUT>(static_cast<acc_t>(sr[j]), mu, rs, ibp, iwp, j);
     if constexpr (DB) dbp[j] += d;
   }
-  const acc_t k1 = RMS ? acc_t(0) : row_sum<false>(gb, N) * inv_n;
-  const acc_t k2 = row_dot(gb, xb, N) * inv_n;
-  if (dhr) {
-    for (int64_t j = 0; j < N; ++j)
-      dxr[j] = static_cast<scalar_t>(rs * (gb[j] - k1 - xb[j] * k2) + static_cast<acc_t>(dhr[j]));
-  } else {
-    for (int64_t j = 0; j < N; ++j) dxr[j] = static_cast<scalar_t>(rs * (gb[j] - k1 - xb[j] * k2));
+  acc_t p1[kLanes] = {}, p2[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= N; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const acc_t xh = xhat_of<SAVED_OUT>(static_cast<acc_t>(sr[j + k]), mu, rs, ibp, iwp, j + k);
+      if constexpr (!RMS) p1[k] += gb[j + k];
+      p2[k] += gb[j + k] * xh;
+    }
+  for (int k = 0; j < N; ++j, ++k) {
+    const acc_t xh = xhat_of<SAVED_OUT>(static_cast<acc_t>(sr[j]), mu, rs, ibp, iwp, j);
+    if constexpr (!RMS) p1[k] += gb[j];
+    p2[k] += gb[j] * xh;
   }
+  const acc_t k1 = RMS ? acc_t(0) : fold_lanes(p1) * inv_n;
+  const acc_t k2 = fold_lanes(p2) * inv_n;
+  if (dhr) {
+    for (int64_t i = 0; i < N; ++i) {
+      const acc_t xh = xhat_of<SAVED_OUT>(static_cast<acc_t>(sr[i]), mu, rs, ibp, iwp, i);
+      dxr[i] = static_cast<scalar_t>(rs * (gb[i] - k1 - xh * k2) + static_cast<acc_t>(dhr[i]));
+    }
+  } else {
+    for (int64_t i = 0; i < N; ++i) {
+      const acc_t xh = xhat_of<SAVED_OUT>(static_cast<acc_t>(sr[i]), mu, rs, ibp, iwp, i);
+      dxr[i] = static_cast<scalar_t>(rs * (gb[i] - k1 - xh * k2));
+    }
+  }
+}
+
+constexpr int64_t kPage = 4096;
+
+// The first address at or after p whose offset in a 4 KiB page is that of `want`. A load whose address matches a
+// pending store's in the low 12 bits waits for it (4K aliasing); dy, the saved input and dx are page-aligned
+// allocations walked in lockstep, so buffers written in the same loops sit a fixed distance away from them.
+inline char* at_page_offset(char* p, uintptr_t want) {
+  const uintptr_t have = reinterpret_cast<uintptr_t>(p);
+  return p + ((want - have) & (kPage - 1));
 }
 
 // Row groups [gbegin, gend) of the backward.
@@ -316,12 +340,8 @@ template <typename scalar_t, bool RMS, bool SAVED_OUT>
 PYPERF_CPU_CLONES void bwd_groups(const BwdArgs<scalar_t>& a, int64_t gbegin, int64_t gend) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t M = a.M, N = a.N, G = a.G;
-  // g and xhat of the row. Kept (not recomputed) so that dx subtracts exactly the values that were summed: a
-  // recomputed dy * w could be fused into an FMA and differ in the last bit, which rstd amplifies when the
-  // variance is ~0.
-  std::vector<acc_t> row_buf(2 * N);
-  acc_t* gb = row_buf.data();
-  acc_t* xb = gb + N;
+  // g of the row (see bwd_row), placed at a fixed distance from dy's address modulo 4 KiB (see at_page_offset).
+  std::vector<char> row_buf(N * sizeof(acc_t) + kPage);
   for (int64_t grp = gbegin; grp < gend; ++grp) {
     acc_t* dwp = a.dw_part ? a.dw_part + grp * N : nullptr;
     acc_t* dbp = a.db_part ? a.db_part + grp * N : nullptr;
@@ -335,9 +355,11 @@ PYPERF_CPU_CLONES void bwd_groups(const BwdArgs<scalar_t>& a, int64_t gbegin, in
       scalar_t* dxr = a.dxp + row * N;
       const acc_t rs = a.rsp[row];
       const acc_t mu = (!RMS && !SAVED_OUT) ? a.mup[row] : acc_t(0);
+      const uintptr_t off = reinterpret_cast<uintptr_t>(dyr);
+      acc_t* gb = reinterpret_cast<acc_t*>(at_page_offset(row_buf.data(), off + 2048));
 #define PYPERF_BWD_ROW(DW, DB)                                                                                   \
   bwd_row<scalar_t, acc_t, RMS, SAVED_OUT, DW, DB>(dyr, sr, dhr, a.wp, a.ibp, a.iwp, mu, rs, a.inv_n, dwp, dbp, gb, \
-                                                   xb, dxr, N)
+                                                   dxr, N)
       if (dwp && dbp) {
         PYPERF_BWD_ROW(true, true);
       } else if (dwp) {
