@@ -261,6 +261,7 @@ struct BwdArgs {
   acc_t* db_part;
   acc_t inv_n;
   int64_t M, N, G;
+  int64_t PS;  // elements from one group's partial row to the next
 };
 
 // xhat of one element: (x - mean) * rstd from the input, or (y - b) / w from the output (SAVED_OUT; ib = b or 0,
@@ -343,8 +344,8 @@ PYPERF_CPU_CLONES void bwd_groups(const BwdArgs<scalar_t>& a, int64_t gbegin, in
   // g of the row (see bwd_row), placed at a fixed distance from dy's address modulo 4 KiB (see at_page_offset).
   std::vector<char> row_buf(N * sizeof(acc_t) + kPage);
   for (int64_t grp = gbegin; grp < gend; ++grp) {
-    acc_t* dwp = a.dw_part ? a.dw_part + grp * N : nullptr;
-    acc_t* dbp = a.db_part ? a.db_part + grp * N : nullptr;
+    acc_t* dwp = a.dw_part ? a.dw_part + grp * a.PS : nullptr;
+    acc_t* dbp = a.db_part ? a.db_part + grp * a.PS : nullptr;
     if (dwp) std::fill(dwp, dwp + N, acc_t(0));
     if (dbp) std::fill(dbp, dbp + N, acc_t(0));
     const int64_t r0 = grp * M / G, r1 = (grp + 1) * M / G;
@@ -393,11 +394,22 @@ void norm_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dh, const a
   // Fixed groups of rows (at least 16 rows each, at most 64 groups), each reduced by one task in row order: the
   // partial sums do not depend on the thread count.
   const int64_t G = std::clamp<int64_t>(M / 16, 1, 64);
-  const size_t part_n = static_cast<size_t>(G * N);
+  // The partial rows start on the same page offset (a whole number of pages apart), at a fixed distance from dy's
+  // (see at_page_offset): dweight's 1 KiB after it, dbias's 3 KiB, g's 2 KiB.
+  const int64_t PS = static_cast<int64_t>((N * sizeof(acc_t) + kPage - 1) / kPage * kPage / sizeof(acc_t));
+  const size_t part_bytes = static_cast<size_t>(G * PS) * sizeof(acc_t);
   std::vector<std::byte> oneoff;
-  acc_t* part = (want_dw || want_db) ? reusable_scratch<acc_t>(part_n * (want_dw + want_db), oneoff) : nullptr;
-  acc_t* dw_part = want_dw ? part : nullptr;
-  acc_t* db_part = want_db ? part + (want_dw ? part_n : 0) : nullptr;
+  acc_t* dw_part = nullptr;
+  acc_t* db_part = nullptr;
+  if (want_dw || want_db) {
+    char* base = reusable_scratch<char>((want_dw + want_db) * part_bytes + 2 * kPage, oneoff);
+    const uintptr_t dy_at = reinterpret_cast<uintptr_t>(dy.data_ptr());
+    if (want_dw) {
+      dw_part = reinterpret_cast<acc_t*>(at_page_offset(base, dy_at + 1024));
+      base = reinterpret_cast<char*>(dw_part) + part_bytes;
+    }
+    if (want_db) db_part = reinterpret_cast<acc_t*>(at_page_offset(base, dy_at + 3072));
+  }
 
   const BwdArgs<scalar_t> args{dy.data_ptr<scalar_t>(),
                                norm::present(dh) ? dh->data_ptr<scalar_t>() : nullptr,
@@ -413,7 +425,8 @@ void norm_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dh, const a
                                N > 0 ? acc_t(1) / static_cast<acc_t>(N) : acc_t(0),
                                M,
                                N,
-                               G};
+                               G,
+                               PS};
   at::parallel_for(0, G, 1, [&](int64_t gbegin, int64_t gend) {
     if (saved_is_output) {
       bwd_groups<scalar_t, RMS, true>(args, gbegin, gend);
@@ -425,7 +438,7 @@ void norm_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dh, const a
   auto finish = [&](const acc_t* p, at::Tensor& out) {
     std::vector<acc_t> total(p, p + N);
     for (int64_t grp = 1; grp < G; ++grp) {
-      const acc_t* q = p + grp * N;
+      const acc_t* q = p + grp * PS;
       for (int64_t j = 0; j < N; ++j) total[j] += q[j];
     }
     store_affine_grad<scalar_t, acc_t>(total.data(), out);
