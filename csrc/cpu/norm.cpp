@@ -144,6 +144,26 @@ acc_t* reusable_scratch(size_t n, std::vector<std::byte>& oneoff) {
   return reinterpret_cast<acc_t*>(buf.data());
 }
 
+constexpr int64_t kPage = 4096;
+
+// The first address at or after p whose offset in a 4 KiB page is that of `want`. A load whose address matches a
+// pending store's in the low 12 bits waits for it (4K aliasing); dy, the saved input and dx are page-aligned
+// allocations walked in lockstep, so buffers written in the same loops sit a fixed distance away from them.
+inline char* at_page_offset(char* p, uintptr_t want) {
+  const uintptr_t have = reinterpret_cast<uintptr_t>(p);
+  return p + ((want - have) & (kPage - 1));
+}
+
+// A copy of v whose first element sits at the page offset of `want` (see at_page_offset), in `store`.
+template <typename acc_t>
+const acc_t* placed_copy(const std::vector<acc_t>& v, std::vector<char>& store, uintptr_t want) {
+  if (v.empty()) return nullptr;
+  store.resize(v.size() * sizeof(acc_t) + kPage);
+  acc_t* dst = reinterpret_cast<acc_t*>(at_page_offset(store.data(), want));
+  std::copy(v.begin(), v.end(), dst);
+  return dst;
+}
+
 template <typename scalar_t>
 struct FwdArgs {
   using acc_t = at::opmath_type<scalar_t>;
@@ -229,8 +249,10 @@ void norm_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& residual, co
   if (M == 0) return;
   const std::vector<acc_t> w = affine_as_acc<scalar_t, acc_t>(weight);
   const std::vector<acc_t> b = affine_as_acc<scalar_t, acc_t>(bias);
-  const acc_t* wp = w.empty() ? nullptr : w.data();
-  const acc_t* bp = b.empty() ? nullptr : b.data();
+  // The output loop reads w and b while it writes y: keep them 1 and 3 KiB from y's page offset.
+  std::vector<char> w_store, b_store;
+  const acc_t* wp = placed_copy(w, w_store, reinterpret_cast<uintptr_t>(y.data_ptr()) + 1024);
+  const acc_t* bp = placed_copy(b, b_store, reinterpret_cast<uintptr_t>(y.data_ptr()) + 3072);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* rp = norm::present(residual) ? residual->data_ptr<scalar_t>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
@@ -324,16 +346,6 @@ PYPERF_INLINE void bwd_row(const scalar_t* PYPERF_RESTRICT dyr, const scalar_t* 
       dxr[i] = static_cast<scalar_t>(rs * (gb[i] - k1 - xh * k2));
     }
   }
-}
-
-constexpr int64_t kPage = 4096;
-
-// The first address at or after p whose offset in a 4 KiB page is that of `want`. A load whose address matches a
-// pending store's in the low 12 bits waits for it (4K aliasing); dy, the saved input and dx are page-aligned
-// allocations walked in lockstep, so buffers written in the same loops sit a fixed distance away from them.
-inline char* at_page_offset(char* p, uintptr_t want) {
-  const uintptr_t have = reinterpret_cast<uintptr_t>(p);
-  return p + ((want - have) & (kPage - 1));
 }
 
 // Row groups [gbegin, gend) of the backward.
