@@ -410,25 +410,30 @@ void norm_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dh, const a
   // (see at_page_offset): dweight's 1 KiB after it, dbias's 3 KiB, g's 2 KiB.
   const int64_t PS = static_cast<int64_t>((N * sizeof(acc_t) + kPage - 1) / kPage * kPage / sizeof(acc_t));
   const size_t part_bytes = static_cast<size_t>(G * PS) * sizeof(acc_t);
+  const uintptr_t dy_page = reinterpret_cast<uintptr_t>(dy.data_ptr());
   std::vector<std::byte> oneoff;
   acc_t* dw_part = nullptr;
   acc_t* db_part = nullptr;
   if (want_dw || want_db) {
     char* base = reusable_scratch<char>((want_dw + want_db) * part_bytes + 2 * kPage, oneoff);
-    const uintptr_t dy_at = reinterpret_cast<uintptr_t>(dy.data_ptr());
     if (want_dw) {
-      dw_part = reinterpret_cast<acc_t*>(at_page_offset(base, dy_at + 1024));
+      dw_part = reinterpret_cast<acc_t*>(at_page_offset(base, dy_page + 1024));
       base = reinterpret_cast<char*>(dw_part) + part_bytes;
     }
-    if (want_db) db_part = reinterpret_cast<acc_t*>(at_page_offset(base, dy_at + 3072));
+    if (want_db) db_part = reinterpret_cast<acc_t*>(at_page_offset(base, dy_page + 3072));
   }
 
+  // The first loop reads w (and ib, iw) while it writes g and the partials: 2.5, 0.5 and 3.5 KiB from dy.
+  std::vector<char> w_store, ib_store, iw_store;
+  const acc_t* wpl = placed_copy(w, w_store, dy_page + 2560);
+  const acc_t* ibpl = placed_copy(ib, ib_store, dy_page + 512);
+  const acc_t* iwpl = placed_copy(iw, iw_store, dy_page + 3584);
   const BwdArgs<scalar_t> args{dy.data_ptr<scalar_t>(),
                                norm::present(dh) ? dh->data_ptr<scalar_t>() : nullptr,
                                saved.data_ptr<scalar_t>(),
-                               w.data(),
-                               saved_is_output ? ib.data() : nullptr,
-                               saved_is_output ? iw.data() : nullptr,
+                               wpl,
+                               ibpl,
+                               iwpl,
                                (!RMS && !saved_is_output) ? mean->data_ptr<acc_t>() : nullptr,
                                rstd.data_ptr<acc_t>(),
                                dx.data_ptr<scalar_t>(),
