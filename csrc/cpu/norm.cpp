@@ -5,8 +5,10 @@
 // partials, the row sums, dx), each over one row that stays in cache after the first. float32/float64 rows are
 // read in place; bf16/fp16 rows are converted once per row into a float buffer in the forward and on the fly in
 // the backward. Every loop is written so that the compiler vectorizes it (restrict rows, one store width per
-// loop, no reduction mixed with stores): a loop it leaves scalar costs 2-4x. The small weight-gradient partials
-// are reused between calls: a fresh page costs several microseconds on a VM.
+// loop, no reduction mixed with stores): a loop it leaves scalar costs 2-4x. Buffers read or written next to the
+// row streams (g, the weight-gradient partials, the float copies of w and b) sit at fixed page offsets from them
+// (at_page_offset: 4K aliasing cost up to 1.3x). The small weight-gradient partials are reused between calls: a
+// fresh page costs several microseconds on a VM.
 // Reductions use kLanes partial sums in a fixed order folded by a fixed tree: vectorizable without -ffast-math,
 // and the same bits whatever the thread count. The weight/bias gradients are reduced per fixed group of rows
 // (independent of the thread count) and then summed over the groups in order: deterministic.
@@ -19,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -147,8 +150,8 @@ acc_t* reusable_scratch(size_t n, std::vector<std::byte>& oneoff) {
 constexpr int64_t kPage = 4096;
 
 // The first address at or after p whose offset in a 4 KiB page is that of `want`. A load whose address matches a
-// pending store's in the low 12 bits waits for it (4K aliasing); dy, the saved input and dx are page-aligned
-// allocations walked in lockstep, so buffers written in the same loops sit a fixed distance away from them.
+// pending store's in the low 12 bits waits for it (4K aliasing); the row tensors (x, h, y; dy, saved, dx) are
+// page-aligned allocations walked in lockstep, so buffers used in the same loops sit a fixed distance away.
 inline char* at_page_offset(char* p, uintptr_t want) {
   const uintptr_t have = reinterpret_cast<uintptr_t>(p);
   return p + ((want - have) & (kPage - 1));
