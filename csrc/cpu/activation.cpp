@@ -354,8 +354,7 @@ at::Tensor empty_bias_grad(const at::Tensor& like) { return at::empty({0}, like.
 
 at::Tensor bias_gelu_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
                          c10::string_view approximate) {
-  check_float_or_double(x_in, "x");
-  check_bias(bias_in, x_in, "x");
+  check_bias_gelu(x_in, bias_in);
   const bool tanh_approx = parse_gelu_approx(approximate) == GeluApprox::Tanh;
   const at::Tensor x = x_in.contiguous();
   const at::Tensor bias = has(bias_in) ? bias_in->contiguous() : at::Tensor();
@@ -387,11 +386,7 @@ at::Tensor bias_gelu_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>
 std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                           const std::optional<at::Tensor>& bias_in,
                                                           c10::string_view approximate, bool bias_grad) {
-  check_float_or_double(x_in, "x");
-  check_like(grad_in, x_in, "grad", "x");
-  check_same_shape(grad_in, x_in, "grad", "x");
-  check_bias(bias_in, x_in, "x");
-  TORCH_CHECK(!bias_grad || has(bias_in), "bias_grad: True needs a bias, got bias=None");
+  check_bias_gelu_backward(grad_in, x_in, bias_in, bias_grad);
   const bool tanh_approx = parse_gelu_approx(approximate) == GeluApprox::Tanh;
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   const at::Tensor bias = has(bias_in) ? bias_in->contiguous() : at::Tensor();
@@ -432,10 +427,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
 
 at::Tensor bias_dropout_residual_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
                                      const at::Tensor& residual_in, double p, c10::SymInt seed, c10::SymInt offset) {
-  check_float_or_double(x_in, "x");
-  check_bias(bias_in, x_in, "x");
-  check_like(residual_in, x_in, "residual", "x");
-  check_same_shape(residual_in, x_in, "residual", "x");
+  check_bias_dropout_residual(x_in, bias_in, residual_in);
   const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
   const at::Tensor x = x_in.contiguous(), res = residual_in.contiguous();
   const at::Tensor bias = has(bias_in) ? bias_in->contiguous() : at::Tensor();
@@ -477,7 +469,7 @@ at::Tensor bias_dropout_residual_cpu(const at::Tensor& x_in, const std::optional
 std::tuple<at::Tensor, at::Tensor> bias_dropout_residual_backward_cpu(const at::Tensor& grad_in, double p,
                                                                       c10::SymInt seed, c10::SymInt offset,
                                                                       bool bias_grad) {
-  check_float_or_double(grad_in, "grad");
+  check_bias_dropout_residual_backward(grad_in);
   const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor gx = at::empty(grad.sizes(), grad.options());
@@ -516,12 +508,6 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_residual_backward_cpu(const at::
 
 // ---- SwiGLU / GeGLU ----------------------------------------------------------------------------------------
 
-std::vector<int64_t> gated_out_shape(const at::Tensor& a, const GatedShape& s) {
-  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
-  if (s.split) shape.back() = s.hidden;
-  return shape;
-}
-
 at::Tensor gated_act_cpu(const at::Tensor& a_in, const std::optional<at::Tensor>& b_in,
                          c10::string_view activation) {
   const GatedShape s = check_gated(a_in, b_in);
@@ -554,12 +540,8 @@ at::Tensor gated_act_cpu(const at::Tensor& a_in, const std::optional<at::Tensor>
 std::tuple<at::Tensor, at::Tensor> gated_act_backward_cpu(const at::Tensor& grad_in, const at::Tensor& a_in,
                                                           const std::optional<at::Tensor>& b_in,
                                                           c10::string_view activation) {
-  const GatedShape s = check_gated(a_in, b_in);
+  const GatedShape s = check_gated_backward(grad_in, a_in, b_in);
   const GatedAct act = parse_gated_act(activation);
-  check_like(grad_in, a_in, "grad", "a");
-  const auto out_shape = gated_out_shape(a_in, s);
-  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef(out_shape), "grad: expected shape ", at::IntArrayRef(out_shape),
-              " (the output's), got ", grad_in.sizes());
   const at::Tensor a = a_in.contiguous(), grad = grad_in.contiguous();
   const at::Tensor b = s.split ? at::Tensor() : b_in->contiguous();
   // Split: one gradient shaped like a (both halves). Separate: grad_a and grad_b.

@@ -269,8 +269,7 @@ constexpr int vec_of() {
 
 at::Tensor bias_gelu_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
                           c10::string_view approximate) {
-  check_float_or_double(x_in, "x");
-  check_bias(bias_in, x_in, "x");
+  check_bias_gelu(x_in, bias_in);
   const bool tanh_approx = parse_gelu_approx(approximate) == GeluApprox::Tanh;
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -301,11 +300,7 @@ at::Tensor bias_gelu_cuda(const at::Tensor& x_in, const std::optional<at::Tensor
 std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                            const std::optional<at::Tensor>& bias_in,
                                                            c10::string_view approximate, bool bias_grad) {
-  check_float_or_double(x_in, "x");
-  check_like(grad_in, x_in, "grad", "x");
-  check_same_shape(grad_in, x_in, "grad", "x");
-  check_bias(bias_in, x_in, "x");
-  TORCH_CHECK(!bias_grad || has(bias_in), "bias_grad: True needs a bias, got bias=None");
+  check_bias_gelu_backward(grad_in, x_in, bias_in, bias_grad);
   const bool tanh_approx = parse_gelu_approx(approximate) == GeluApprox::Tanh;
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
@@ -422,10 +417,7 @@ __global__ void bias_dropout_residual_backward_kernel(const T* __restrict__ grad
 
 at::Tensor bias_dropout_residual_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
                                       const at::Tensor& residual_in, double p, c10::SymInt seed, c10::SymInt offset) {
-  check_float_or_double(x_in, "x");
-  check_bias(bias_in, x_in, "x");
-  check_like(residual_in, x_in, "residual", "x");
-  check_same_shape(residual_in, x_in, "residual", "x");
+  check_bias_dropout_residual(x_in, bias_in, residual_in);
   const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), res = residual_in.contiguous();
@@ -461,7 +453,7 @@ at::Tensor bias_dropout_residual_cuda(const at::Tensor& x_in, const std::optiona
 std::tuple<at::Tensor, at::Tensor> bias_dropout_residual_backward_cuda(const at::Tensor& grad_in, double p,
                                                                        c10::SymInt seed, c10::SymInt offset,
                                                                        bool bias_grad) {
-  check_float_or_double(grad_in, "grad");
+  check_bias_dropout_residual_backward(grad_in);
   const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
   c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
@@ -552,12 +544,6 @@ __global__ void gated_act_backward_kernel(const T* __restrict__ grad, const T* _
   }
 }
 
-std::vector<int64_t> gated_out_shape(const at::Tensor& a, const GatedShape& s) {
-  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
-  if (s.split) shape.back() = s.hidden;
-  return shape;
-}
-
 at::Tensor gated_act_cuda(const at::Tensor& a_in, const std::optional<at::Tensor>& b_in,
                           c10::string_view activation) {
   const GatedShape s = check_gated(a_in, b_in);
@@ -589,12 +575,8 @@ at::Tensor gated_act_cuda(const at::Tensor& a_in, const std::optional<at::Tensor
 std::tuple<at::Tensor, at::Tensor> gated_act_backward_cuda(const at::Tensor& grad_in, const at::Tensor& a_in,
                                                            const std::optional<at::Tensor>& b_in,
                                                            c10::string_view activation) {
-  const GatedShape s = check_gated(a_in, b_in);
+  const GatedShape s = check_gated_backward(grad_in, a_in, b_in);
   const GatedAct act = parse_gated_act(activation);
-  check_like(grad_in, a_in, "grad", "a");
-  const auto out_shape = gated_out_shape(a_in, s);
-  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef(out_shape), "grad: expected shape ", at::IntArrayRef(out_shape),
-              " (the output's), got ", grad_in.sizes());
   c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = a_in.contiguous(), grad = grad_in.contiguous();
   const at::Tensor b = s.split ? at::Tensor() : b_in->contiguous();

@@ -10,7 +10,6 @@
 // the partial rows per column in a fixed order: deterministic (no atomics), run to run on the same GPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -376,12 +375,10 @@ const void* opt_ptr(const c10::optional<at::Tensor>& t) { return norm::present(t
 
 bool affine_is_f32(const c10::optional<at::Tensor>& w, const c10::optional<at::Tensor>& b,
                    c10::ScalarType x_dtype) {
-  // check_affine allows x's dtype or float32 for each; both must agree for the kernel's single flag.
+  // check_affine allows x's dtype or float32 for each and check_affine_pair makes both agree (norm.h), so one
+  // flag covers both.
   const bool wf = norm::present(w) && w->scalar_type() == c10::kFloat && x_dtype != c10::kFloat;
   const bool bf = norm::present(b) && b->scalar_type() == c10::kFloat && x_dtype != c10::kFloat;
-  if (norm::present(w) && norm::present(b)) {
-    TORCH_CHECK(wf == bf, "bias: expected the dtype of weight (", w->scalar_type(), "), got ", b->scalar_type());
-  }
   return wf || bf;
 }
 
@@ -511,11 +508,6 @@ void dispatch_cuda(c10::ScalarType t, const char* name, F&& f) {
   }
 }
 
-at::Tensor affine_grad_out(const c10::optional<at::Tensor>& p, const at::Tensor& like, int64_t M) {
-  if (!norm::present(p)) return norm::empty_none(like);
-  return M == 0 ? at::zeros(p->sizes(), p->options()) : at::empty(p->sizes(), p->options());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x,
@@ -561,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_backward_cuda(const at::Tensor& 
                                           /*layer_norm=*/false, /*allow_double=*/false);
   c10::cuda::CUDAGuard guard(saved.device());
   at::Tensor dx = norm::empty_like_x(saved);
-  at::Tensor dweight = affine_grad_out(weight, saved, rows.M);
+  at::Tensor dweight = norm::affine_grad_out(weight, saved, rows.M);
   at::Tensor dbias_unused;
   dispatch_cuda(saved.scalar_type(), "saved", [&](auto tag) {
     using T = decltype(tag);
@@ -579,8 +571,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cuda(
                                           /*layer_norm=*/true, /*allow_double=*/false);
   c10::cuda::CUDAGuard guard(saved.device());
   at::Tensor dx = norm::empty_like_x(saved);
-  at::Tensor dweight = affine_grad_out(weight, saved, rows.M);
-  at::Tensor dbias = affine_grad_out(bias, saved, rows.M);
+  at::Tensor dweight = norm::affine_grad_out(weight, saved, rows.M);
+  at::Tensor dbias = norm::affine_grad_out(bias, saved, rows.M);
   dispatch_cuda(saved.scalar_type(), "saved", [&](auto tag) {
     using T = decltype(tag);
     launch_bwd<T, false>(dy, dh, saved, weight, bias, mean, rstd, saved_is_output, dx, dweight, dbias, rows);

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "pyperf/checks.h"
 
@@ -108,6 +109,50 @@ inline GatedShape check_gated(const at::Tensor& a, const std::optional<at::Tenso
   }
   g.rows = g.hidden == 0 ? 0 : a.numel() / (g.in_stride == 0 ? 1 : g.in_stride);
   return g;
+}
+
+// The output shape of a gated unit: a's shape, with the last dim halved when a holds both halves.
+inline std::vector<int64_t> gated_out_shape(const at::Tensor& a, const GatedShape& s) {
+  std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
+  if (s.split) shape.back() = s.hidden;
+  return shape;
+}
+
+// ---- the argument checks of each op, called by its CPU and CUDA kernels --------------------------------------
+
+inline void check_bias_gelu(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  check_float_or_double(x, "x");
+  check_bias(bias, x, "x");
+}
+
+inline void check_bias_gelu_backward(const at::Tensor& grad, const at::Tensor& x,
+                                     const std::optional<at::Tensor>& bias, bool bias_grad) {
+  check_float_or_double(x, "x");
+  check_like(grad, x, "grad", "x");
+  check_same_shape(grad, x, "grad", "x");
+  check_bias(bias, x, "x");
+  TORCH_CHECK(!bias_grad || has(bias), "bias_grad: True needs a bias, got bias=None");
+}
+
+inline void check_bias_dropout_residual(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                                        const at::Tensor& residual) {
+  check_float_or_double(x, "x");
+  check_bias(bias, x, "x");
+  check_like(residual, x, "residual", "x");
+  check_same_shape(residual, x, "residual", "x");
+}
+
+inline void check_bias_dropout_residual_backward(const at::Tensor& grad) { check_float_or_double(grad, "grad"); }
+
+// grad has the output's shape (gated_out_shape) and a's dtype and device.
+inline GatedShape check_gated_backward(const at::Tensor& grad, const at::Tensor& a,
+                                       const std::optional<at::Tensor>& b) {
+  const GatedShape s = check_gated(a, b);
+  check_like(grad, a, "grad", "a");
+  const auto out_shape = gated_out_shape(a, s);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(out_shape), "grad: expected shape ", at::IntArrayRef(out_shape),
+              " (the output's), got ", grad.sizes());
+  return s;
 }
 
 }  // namespace pyperf

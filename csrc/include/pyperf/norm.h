@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -124,6 +125,13 @@ inline at::Tensor empty_stat(const at::Tensor& x) {
 inline at::Tensor empty_none(const at::Tensor& x) { return at::empty({0}, x.options()); }
 
 inline bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// dweight / dbias of a backward: like the parameter, zero when there are no rows (no kernel writes it then), the
+// empty placeholder when the parameter is absent.
+inline at::Tensor affine_grad_out(const c10::optional<at::Tensor>& p, const at::Tensor& like, int64_t M) {
+  if (!present(p)) return empty_none(like);
+  return M == 0 ? at::zeros(p->sizes(), p->options()) : at::empty(p->sizes(), p->options());
+}
 
 }  // namespace norm
 }  // namespace pyperf
