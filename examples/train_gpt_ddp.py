@@ -458,6 +458,11 @@ def _spawned(rank, world, args, port):
         worker(rank, world, args, torch.device("cpu"))
     finally:
         _teardown()
+    # This rank is done and its group destroyed; skip interpreter finalization, where a Gloo group's worker threads
+    # are occasionally torn down without a join (SIGABRT, "terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def parse_args(argv=None):
