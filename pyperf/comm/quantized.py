@@ -83,7 +83,8 @@ def _completed(value):
 class TwoShot:
     """One two-shot all-reduce over a flat fp32 tensor split into per-rank segments (lengths `lens`, multiples of
     the block size; segment r is reduced by rank r). Used by quantized_all_reduce (equal contiguous chunks) and by
-    the DDP hooks (segments = the blocks each rank owns). `run` returns a Future of `out`.
+    the DDP hooks (segments = the blocks each rank owns). `start` returns the second stage, which returns a Future
+    of `out`.
 
     After completion, `nonfinite` is a 0-d bool tensor: some block anywhere was inf/nan (the same on every rank)."""
 
@@ -152,13 +153,8 @@ class TwoShot:
                 mine[:my_wb].copy_(requantize(_q.reduce_quantized(wires, n_me, fmt, B, scale=scale)))
         return mine
 
-    def exchange_reduce(self, group, send, *, buffers=None, **reduce_args):
-        """Stage one: exchange() then reduce() (arguments as there)."""
-        work, recv = self.exchange(group, send, buffers)
-        return self.reduce(work, recv, buffers=buffers, **reduce_args)
-
     def buffers(self, device):
-        """(recv, mine, gathered): reusable buffers for exchange_reduce(buffers=) and gather(out=). mine's padding
+        """(recv, mine, gathered): reusable buffers for exchange()/reduce(buffers=) and gather(out=). mine's padding
         (past this rank's wire) is zero and stays so."""
         return (torch.empty(self.world_size * self.wb[self.rank], dtype=torch.uint8, device=device),
                 torch.zeros(self.wb_max, dtype=torch.uint8, device=device),
@@ -171,11 +167,6 @@ class TwoShot:
                                                            device=mine.device)
         fut = _all_gather(gathered, mine, group=group, async_op=True).get_future()
         return fut, gathered.view(self.world_size, self.wb_max)
-
-    def run(self, group, x, out, **kwargs):
-        """The whole two-shot over x (flat fp32, segment s = x[offs[s]:offs[s+1]]) into out (may be x); arguments
-        as start(). Returns a Future of out; `self.nonfinite` is set when it completes."""
-        return self.start(group, x, out, **kwargs)()
 
     def start(self, group, x, out, *, scale=1.0, residual=None, server_residual=None, stochastic=False,
               seed=0, offset=0):
