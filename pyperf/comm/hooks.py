@@ -25,7 +25,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from pyperf.comm.quantized import TwoShot, _all_gather, _q, check_format, mix_seed
+from pyperf.comm.quantized import TwoShot, _all_gather, _forward, _q, check_format, mix_seed
 
 KINDS = ("allreduce", "bf16", "fp16", "int8", "int4", "fp8", "fp8_e4m3", "fp8_e5m2")
 _QUANT_FMT = {"int8": "int8", "int4": "int4", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
@@ -593,15 +593,7 @@ def quantized_hook(state: HookState, bucket):
                 done.set_exception(e)
                 raise
             stats.hook_time_s += time.perf_counter() - t1
-            fut = gfut.then(functools.partial(unpack_big, plan=plan, big_grads=big_grads, gathered=gathered))
-
-            def complete(f):
-                try:
-                    done.set_result(f.value())
-                except BaseException as e:
-                    done.set_exception(e)
-
-            fut.add_done_callback(complete)
+            _forward(gfut.then(functools.partial(unpack_big, plan=plan, big_grads=big_grads, gathered=gathered)), done)
 
         def unpack_big(f, *, plan, big_grads, gathered, stats=stats, flags=flags):
             t1 = time.perf_counter()

@@ -58,12 +58,8 @@ def mix_seed(seed, *tags):
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def _as_future(fut):
-    """A torch.futures.Future (Work.get_future() gives the bare C++ torch._C.Future) completing with `fut`."""
-    if isinstance(fut, torch.futures.Future):
-        return fut
-    out = torch.futures.Future()
-
+def _forward(fut, out):
+    """Completes the torch.futures.Future `out` with `fut`'s value (or exception) when `fut` completes."""
     def done(f):
         try:
             out.set_result(f.value())
@@ -72,6 +68,13 @@ def _as_future(fut):
 
     fut.add_done_callback(done)
     return out
+
+
+def _as_future(fut):
+    """A torch.futures.Future (Work.get_future() gives the bare C++ torch._C.Future) completing with `fut`."""
+    if isinstance(fut, torch.futures.Future):
+        return fut
+    return _forward(fut, torch.futures.Future())
 
 
 def _completed(value):
