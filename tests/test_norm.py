@@ -10,7 +10,7 @@ import pyperf  # noqa: F401  (loads the ops)
 from pyperf import _reference as ref
 from pyperf import ops
 from pyperf.nn import FusedLayerNorm, FusedRMSNorm, replace_norms
-from conftest import devices
+from conftest import devices, stable_seed
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # max |got - want| / max(1, max |want|), against a float64 reference of the same inputs
@@ -31,7 +31,7 @@ def _err(got, want):
 
 
 def _inputs(kind, M, N, dtype, device, residual=True, weight=True, bias=True, weight_dtype=None, away_from_zero=False):
-    g = torch.Generator().manual_seed(hash((kind, M, N, str(dtype), residual, weight, bias)) % (2 ** 31))
+    g = torch.Generator().manual_seed(stable_seed(kind, M, N, str(dtype), residual, weight, bias))
     mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     wd = weight_dtype or dtype
     x = (mk(M, N) * 2 + 0.5).to(device=device, dtype=dtype)
@@ -76,7 +76,11 @@ def _check_against_reference(kind, x, r, w, b, eps, save, dtype):
     gh = torch.randn(x.shape, dtype=torch.float64, device=x.device)
     y, h, grads = _fwd_bwd(kind, x, r, w, b, eps, save, ops, gy, gh)
     up = lambda t: None if t is None else t.double()  # noqa: E731
-    y_ref, h_ref, grads_ref = _fwd_bwd(kind, up(x), up(r), up(w), up(b), eps, "input", ref, gy, gh)
+    # The kernels normalize h = x + r rounded to x's dtype (the h they return and save), as eager torch would. The
+    # reference must normalize that same rounded h: at N=3 in bfloat16 the rounding alone moves dx by ~10%. The
+    # float64 residual r_ref = up(h) - up(x) is exact, so x_ref + r_ref is exactly up(h) and both still get a grad.
+    r_ref = None if r is None else up(x + r) - up(x)
+    y_ref, h_ref, grads_ref = _fwd_bwd(kind, up(x), r_ref, up(w), up(b), eps, "input", ref, gy, gh)
     tol = TOL[dtype] * (4 if save == "output" else 1)
     assert y.dtype == x.dtype and y.shape == x.shape
     assert _err(y, y_ref) <= TOL[dtype], ("y", _err(y, y_ref))
