@@ -43,6 +43,13 @@ TORCH_LIBRARY(pyperf, m) {
   // The same into a caller's wire (e.g. a slice of a send buffer): out must not overlap wires.
   m.def("reduce_requantize_into(Tensor wires, SymInt numel, str fmt, int block_size, float scale, bool stochastic, "
         "int seed, int offset, Tensor(a!)? residual, Tensor(b!) out, Tensor(c!)? residual_out=None) -> ()");
+  // Many tensors at once, without the packed fp32 copy: quantize_tensors_into(xs, ...) writes what
+  // quantize_into(pack(xs, out_dtype=float32, align=block_size), ...) would (round to nearest; residual and
+  // residual_out span the padded layout), and dequantize_tensors_(wire, ...) what
+  // unpack(dequantize(wire, ..., out_dtype=float32, scale), outs, align=block_size) would. One dtype per list.
+  m.def("quantize_tensors_into(Tensor[] xs, str fmt, int block_size, Tensor(a!)? residual, Tensor(b!) out, "
+        "Tensor(c!)? residual_out=None) -> ()");
+  m.def("dequantize_tensors_(Tensor wire, str fmt, int block_size, float scale, Tensor(a!)[] outs) -> ()");
 
   // ---- norm: residual-add + RMSNorm / LayerNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu) ----
   // Forward: h = x + residual (when given), then normalize h over the last dim. y and h have x's dtype; the

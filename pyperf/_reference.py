@@ -231,6 +231,16 @@ def dequantize(wire, numel, fmt, block_size=256, *, out_dtype=torch.float32, sca
     return out
 
 
+def quantize_tensors(xs, fmt, block_size=256, *, out, residual=None, residual_out=None):
+    return quantize(pack(xs, out_dtype=torch.float32, align=block_size), fmt, block_size, residual=residual,
+                    residual_out=residual_out, out=out)
+
+
+def dequantize_tensors(wire, outs, fmt, block_size=256, *, scale=1.0):
+    _, total = _pack_offsets([t.numel() for t in outs], block_size)
+    unpack(dequantize(wire, total, fmt, block_size, scale=scale), outs, align=block_size)
+
+
 def reduce_quantized(wires, numel, fmt, block_size=256, *, scale=1.0, out_dtype=torch.float32, requantize=False,
                      residual=None, residual_out=None, out=None, stochastic=False, seed=0, offset=0, uniform=None):
     nb = (numel + block_size - 1) // block_size

@@ -186,6 +186,27 @@ def reduce_quantized(wires: torch.Tensor, numel: int, fmt: str, block_size: int 
     return _lib.reduce_quantized(wires, numel, fmt, block_size, scale, out_dtype)
 
 
+def quantize_tensors(xs: Sequence[torch.Tensor], fmt: str, block_size: int = 256, *, out: torch.Tensor,
+                     residual: Optional[torch.Tensor] = None,
+                     residual_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """quantize(pack(xs, out_dtype=float32, align=block_size), fmt, block_size, residual=..., residual_out=...,
+    out=out) without the packed copy: each tensor (one float dtype, contiguous) starts a new block and is padded
+    with zeros to whole blocks; residual/residual_out span that padded layout (pack_layout). Round to nearest
+    only (stochastic rounding keyed per tensor: call quantize() per tensor). Writes and returns `out`, a uint8 wire
+    of wire_bytes(padded numel) bytes. The CPU kernel reads the tensors in place; on CUDA it is composed of
+    pack + quantize through a temporary buffer."""
+    _lib.quantize_tensors_into(list(xs), fmt, block_size, residual, out, residual_out)
+    return out
+
+
+def dequantize_tensors(wire: torch.Tensor, outs: Sequence[torch.Tensor], fmt: str, block_size: int = 256, *,
+                       scale: float = 1.0) -> None:
+    """The inverse of quantize_tensors: outs (one float dtype, contiguous) <- scale * the dequantized values of
+    their padded layout, i.e. unpack(dequantize(wire, padded numel, fmt, block_size, scale=scale), outs,
+    align=block_size) without the fp32 copy."""
+    _lib.dequantize_tensors_(wire, fmt, block_size, float(scale), list(outs))
+
+
 @torch.library.register_fake("pyperf::quantize")
 def _quantize_fake(x, fmt, block_size, stochastic, seed, offset, residual, residual_out=None):
     return x.new_empty((wire_bytes(x.numel(), fmt, block_size),), dtype=torch.uint8)
@@ -227,6 +248,17 @@ def _reduce_requantize_into_fake(wires, numel, fmt, block_size, scale, stochasti
     _check_quant_args(fmt, block_size)
     return None
 
+
+@torch.library.register_fake("pyperf::quantize_tensors_into")
+def _quantize_tensors_into_fake(xs, fmt, block_size, residual, out, residual_out=None):
+    _check_quant_args(fmt, block_size)
+    return None
+
+
+@torch.library.register_fake("pyperf::dequantize_tensors_")
+def _dequantize_tensors_fake(wire, fmt, block_size, scale, outs):
+    _check_quant_args(fmt, block_size)
+    return None
 
 
 # ---- norm ----------------------------------------------------------------------------------------------------

@@ -483,6 +483,16 @@ for fmt in ops.QUANT_FORMATS:
         assert torch.equal(ops.dequantize(w, 3001, fmt, 64, out_dtype=dtype), R.dequantize(w, 3001, fmt, 64, out_dtype=dtype))
         ws = torch.stack([w, w, w])
         assert torch.equal(ops.reduce_quantized(ws, 3001, fmt, 64, scale=0.3), R.reduce_quantized(ws, 3001, fmt, 64, scale=0.3))
+        xs = [x[:1000], x[1000:1001], x[1001:]]
+        n = ops.pack_layout([1000, 1, 2000], 64)[1]
+        rt = torch.randn(n) * 0.1
+        rr = rt.clone()
+        wt = ops.quantize_tensors(xs, fmt, 64, out=torch.empty(ops.wire_bytes(n, fmt, 64), dtype=torch.uint8), residual=rt)
+        assert torch.equal(wt, R.quantize_tensors(xs, fmt, 64, out=torch.empty_like(wt), residual=rr)) and torch.equal(rt, rr)
+        outs, want = [torch.empty_like(t) for t in xs], [torch.empty_like(t) for t in xs]
+        ops.dequantize_tensors(wt, outs, fmt, 64, scale=0.5)
+        R.dequantize_tensors(wt, want, fmt, 64, scale=0.5)
+        assert all(torch.equal(a, b) for a, b in zip(outs, want))
 print("ok")
 """
 

@@ -272,6 +272,15 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_l2norm_cuda(at::TensorList tenso
 
 }  // namespace
 
+// For the quant ops that compose pack/unpack on CUDA (pyperf/pack_cuda.h).
+void cuda_pack_out(at::TensorList tensors, double scale, int64_t align, const at::Tensor& out) {
+  pack_out_cuda(tensors, scale, align, out);
+}
+
+void cuda_unpack(const at::Tensor& flat, at::TensorList tensors, double scale, int64_t align) {
+  unpack_cuda(flat, tensors, scale, align, /*accumulate=*/false);
+}
+
 TORCH_LIBRARY_IMPL(pyperf, CUDA, m) {
   m.impl("pack", &pack_cuda);
   m.impl("pack_out", &pack_out_cuda);

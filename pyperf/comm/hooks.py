@@ -124,7 +124,7 @@ class _Plan:
         self.pstart = [0]
         for nb in self.nbs:
             self.pstart.append(self.pstart[-1] + nb)
-        self.P = torch.empty(self.nblocks * B, dtype=torch.float32, device=device)
+        self.P = None      # the packed fp32 gradients: only stochastic rounding and the statistics need them
         self.wire = torch.empty(_q.wire_bytes(self.nblocks * B, state.fmt, B), dtype=torch.uint8, device=device)
         self.pb = (self.wire.numel() - 4 * self.nblocks) // self.nblocks       # payload bytes per block
         self.scales = self.wire[:4 * self.nblocks].view(self.nblocks, 4)
@@ -137,6 +137,11 @@ class _Plan:
         # before its next hook call; fresh large CPU buffers would page-fault on every step
         self.send = torch.empty(self.two_shot.woffs[-1], dtype=torch.uint8, device=device)
         self.ts_buffers = self.two_shot.buffers(device)
+
+    def packed(self, grads, block_size):
+        if self.P is None:
+            self.P = torch.empty(self.nblocks * block_size, dtype=torch.float32, device=self.wire.device)
+        return _q.pack(grads, out_dtype=torch.float32, align=block_size, out=self.P)
 
     def residuals(self, state):
         """(client residual in, client residual out, server residual in, server residual out, [(buffer, views)] to
@@ -522,15 +527,15 @@ def quantized_hook(state: HookState, bucket):
         futs.append(sfut.then(unpack_small))
 
     if plan.nblocks:
-        ts, P, pb = plan.two_shot, plan.P, plan.pb
+        ts, pb = plan.two_shot, plan.pb
         big_grads = [grads[i] for i in plan.canon]
-        _q.pack(big_grads, out_dtype=torch.float32, align=B, out=P)
         res = res_out = srv = srv_out = None
         back = ()
         if state.error_feedback:
             res, res_out, srv, srv_out, back = plan.residuals(state)
             state._wrote_next = True
         if state.stats_every and state.iter % state.stats_every == 0:
+            P = plan.packed(big_grads, B)
             v = P if res is None else P + res
             tmp = torch.zeros_like(v)
             _q.quantize(v, state.fmt, B, residual=tmp)
@@ -539,11 +544,13 @@ def quantized_hook(state: HookState, bucket):
         sr = state.stochastic_rounding
         cseed = mix_seed(state.seed, 1, state.rank, state.iter)
         sseed = mix_seed(state.seed, 2, state.rank, state.iter)
-        # quantize P in model order (stochastic rounding: one call per parameter, keyed by parameter index, so the
-        # noise does not depend on what else shares the bucket) ...
+        # quantize the gradients in model order, each padded to whole blocks, straight from the bucket (stochastic
+        # rounding: one call per parameter, keyed by parameter index, so the noise does not depend on what else
+        # shares the bucket) ...
         if not sr:
-            _q.quantize(P, state.fmt, B, residual=res, residual_out=res_out, out=plan.wire)
+            _q.quantize_tensors(big_grads, state.fmt, B, residual=res, residual_out=res_out, out=plan.wire)
         else:
+            P = plan.packed(big_grads, B)
             for k, g in enumerate(plan.gidx):
                 a, b = plan.pstart[k], plan.pstart[k + 1]
                 sub = _q.quantize(P[a * B:b * B], state.fmt, B, stochastic=True, seed=cseed, offset=g,
@@ -610,8 +617,7 @@ def quantized_hook(state: HookState, bucket):
             torch.index_select(plan.seg_payload, 0, plan.inv, out=plan.payload)
             # the fp32 block scales tell whether any block (any rank's) was inf/nan
             flags.append(~torch.isfinite(plan.scales.view(torch.float32)).all())
-            _q.dequantize(plan.wire, plan.nblocks * B, plan_fmt, B, out=plan.P)
-            _q.unpack(plan.P, big_grads, align=B)
+            _q.dequantize_tensors(plan.wire, big_grads, plan_fmt, B)
             stats.hook_time_s += time.perf_counter() - t1
             return buf
 

@@ -5,8 +5,10 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "pyperf/checks.h"
 #include "pyperf/quant_math.h"
@@ -154,6 +156,38 @@ inline WireLayout check_requantize_args(const at::Tensor& wires, int64_t numel, 
                 "out: expected memory apart from wires, got a buffer that overlaps wires");
   }
   return w;
+}
+
+// The padded layout of quantize_tensors_into / dequantize_tensors_ (the layout of pack(xs, align=block_size)):
+// tensor i covers blocks [bstart[i], bstart[i + 1]), its values first, then zeros up to the block boundary.
+struct TensorsLayout {
+  std::vector<int64_t> bstart;  // size(xs) + 1 entries
+  WireLayout w;                 // of the whole padded layout
+};
+
+// xs: one float dtype, contiguous, on wire's device. The wire (`wire_name`, read or written) must hold exactly the
+// padded layout.
+inline TensorsLayout check_tensors_layout(at::TensorList xs, const char* name, c10::string_view fmt,
+                                          int64_t block_size, const at::Tensor& wire, const char* wire_name) {
+  wire_layout(0, fmt, block_size);  // block_size and fmt first: the block count divides by block_size
+  check_tensor_list(xs, name, &wire);
+  if (!xs.empty()) check_float_dtype(xs[0], name);
+  TensorsLayout l;
+  l.bstart.reserve(xs.size() + 1);
+  int64_t b = 0;
+  for (const auto& x : xs) {
+    l.bstart.push_back(b);
+    b += (x.numel() + block_size - 1) / block_size;
+  }
+  l.bstart.push_back(b);
+  l.w = wire_layout(b * block_size, fmt, block_size);
+  check_wire(wire, l.w, wire_name);
+  return l;
+}
+
+// The tensor that holds block b (blocks of empty tensors: none), by bisection of bstart.
+inline int64_t tensor_of_block(const std::vector<int64_t>& bstart, int64_t b) {
+  return static_cast<int64_t>(std::upper_bound(bstart.begin(), bstart.end(), b) - bstart.begin()) - 1;
 }
 
 // seed/offset arrive as int64 and are used as the uint64 with the same bits.
