@@ -50,6 +50,9 @@ TORCH_LIBRARY(pyperf, m) {
   m.def("quantize_tensors_into(Tensor[] xs, str fmt, int block_size, Tensor(a!)? residual, Tensor(b!) out, "
         "Tensor(c!)? residual_out=None) -> ()");
   m.def("dequantize_tensors_(Tensor wire, str fmt, int block_size, float scale, Tensor(a!)[] outs) -> ()");
+  // The reduce of W such wires ([W, wire_bytes], summed in fp32 in rank order, times scale) into outs: what
+  // unpack(reduce_quantized(wires, padded numel, fmt, block_size, scale), outs, align=block_size) would write.
+  m.def("reduce_quantized_tensors_(Tensor wires, str fmt, int block_size, float scale, Tensor(a!)[] outs) -> ()");
 
   // ---- norm: residual-add + RMSNorm / LayerNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu) ----
   // Forward: h = x + residual (when given), then normalize h over the last dim. y and h have x's dtype; the

@@ -241,6 +241,11 @@ def dequantize_tensors(wire, outs, fmt, block_size=256, *, scale=1.0):
     unpack(dequantize(wire, total, fmt, block_size, scale=scale), outs, align=block_size)
 
 
+def reduce_quantized_tensors(wires, outs, fmt, block_size=256, *, scale=1.0):
+    _, total = _pack_offsets([t.numel() for t in outs], block_size)
+    unpack(reduce_quantized(wires, total, fmt, block_size, scale=scale), outs, align=block_size)
+
+
 def reduce_quantized(wires, numel, fmt, block_size=256, *, scale=1.0, out_dtype=torch.float32, requantize=False,
                      residual=None, residual_out=None, out=None, stochastic=False, seed=0, offset=0, uniform=None):
     nb = (numel + block_size - 1) // block_size

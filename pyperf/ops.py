@@ -207,6 +207,15 @@ def dequantize_tensors(wire: torch.Tensor, outs: Sequence[torch.Tensor], fmt: st
     _lib.dequantize_tensors_(wire, fmt, block_size, float(scale), list(outs))
 
 
+def reduce_quantized_tensors(wires: torch.Tensor, outs: Sequence[torch.Tensor], fmt: str, block_size: int = 256, *,
+                             scale: float = 1.0) -> None:
+    """outs (one float dtype, contiguous) <- scale * the fp32 sum, in rank order 0..W-1, of the W wires of
+    `wires` (uint8 [W, wire_bytes], each the quantize_tensors wire of the padded layout of outs), i.e.
+    unpack(reduce_quantized(wires, padded numel, fmt, block_size, scale=scale), outs, align=block_size) without
+    the fp32 sum buffer. The all-gather form of the quantized all-reduce reduces with it."""
+    _lib.reduce_quantized_tensors_(wires, fmt, block_size, float(scale), list(outs))
+
+
 @torch.library.register_fake("pyperf::quantize")
 def _quantize_fake(x, fmt, block_size, stochastic, seed, offset, residual, residual_out=None):
     return x.new_empty((wire_bytes(x.numel(), fmt, block_size),), dtype=torch.uint8)
@@ -257,6 +266,12 @@ def _quantize_tensors_into_fake(xs, fmt, block_size, residual, out, residual_out
 
 @torch.library.register_fake("pyperf::dequantize_tensors_")
 def _dequantize_tensors_fake(wire, fmt, block_size, scale, outs):
+    _check_quant_args(fmt, block_size)
+    return None
+
+
+@torch.library.register_fake("pyperf::reduce_quantized_tensors_")
+def _reduce_quantized_tensors_fake(wires, fmt, block_size, scale, outs):
     _check_quant_args(fmt, block_size)
     return None
 

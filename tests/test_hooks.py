@@ -89,6 +89,31 @@ def _body_kinds(rank, W):
         # stochastic rounding, no error feedback, default min_numel
         got, _ = _grads(kind, rank, hook_kw=dict(stochastic_rounding=True, error_feedback=False, min_numel=1024))
         _close(got, ref, 2 * TOL[kind], kind + " stochastic")
+        got, st = _grads(kind, rank, hook_kw=dict(algorithm="two_shot"))
+        assert not st._all_gather
+        _close(got, ref, TOL[kind], kind + " two_shot")
+
+
+def _body_all_gather_exact(rank, W):
+    """The all-gather form's result is, bit for bit, every rank's quantized local gradient dequantized and summed
+    in rank order, times 1/W, per parameter (blocks start at parameter boundaries, whatever the buckets)."""
+    from pyperf import _reference as R
+    from pyperf import hooks
+    local = []
+    for r in range(W):           # every rank's local gradient, recomputed here from its batch
+        m = _model()
+        _loss(m, *_batch(r, 0)).backward()
+        local.append([p.grad.clone() for p in m.parameters()])
+    for kind, fmt in (("int8", "int8"), ("int4", "int4"), ("fp8", "fp8_e4m3")):
+        for cap in (25, 0.0001):
+            ddp = DDP(_model(), bucket_cap_mb=cap)
+            st = hooks.register(ddp, kind, block_size=64, min_numel=0)
+            assert st._all_gather == (W == 2)
+            _loss(ddp, *_batch(rank, 0)).backward()
+            for i, p in enumerate(ddp.parameters()):
+                wires = torch.stack([R.quantize(local[r][i], fmt, 64) for r in range(W)])
+                want = R.reduce_quantized(wires, p.numel(), fmt, 64, scale=1.0 / W).view(p.shape)
+                assert torch.equal(p.grad, want), (kind, cap, i, float((p.grad - want).abs().max()))
 
 
 def _body_variants(rank, W):
@@ -143,6 +168,8 @@ def _body_errors(rank, W):
         hooks.register(ddp, "int8", blocksize=64)
     with pytest.raises(ValueError, match="start_iter"):
         hooks.register(ddp, "int8", start_iter=-1)
+    with pytest.raises(ValueError, match="algorithm: expected one of auto, two_shot, all_gather, got 'ring'"):
+        hooks.register(ddp, "int8", algorithm="ring")
     other = dist.new_group(list(range(W)))
     with pytest.raises(ValueError, match="process_group"):
         hooks.register(ddp, "int8", process_group=other)
@@ -164,7 +191,7 @@ def _body_errors(rank, W):
 
 
 def test_kinds_within_bound_of_allreduce_2_ranks():
-    run_ranks(_run_all, 2, [_body_kinds])
+    run_ranks(_run_all, 2, [_body_kinds, _body_all_gather_exact])
 
 
 def test_ddp_modes_stats_and_errors_2_ranks():
@@ -277,7 +304,10 @@ def _train(kind, rank, steps, cap, hook_kw, start=0, ckpt=None, save_at=None):
 
 RESUME_CONFIGS = [("int8", dict(block_size=64, min_numel=0, stochastic_rounding=True)),
                   ("int4", dict(block_size=32, min_numel=100, start_iter=1)),
-                  ("fp8", dict(block_size=64, min_numel=0))]
+                  ("fp8", dict(block_size=64, min_numel=0)),
+                  # the algorithm "auto" does not pick at this world size (2 ranks: all_gather, 4: two_shot)
+                  ("int8", dict(block_size=64, min_numel=0, stochastic_rounding=True, algorithm="two_shot")),
+                  ("int8", dict(block_size=64, min_numel=0, stochastic_rounding=True, algorithm="all_gather"))]
 
 
 def _body_resume_layout(rank, W, configs):
@@ -299,8 +329,9 @@ def test_resume_bit_identical_and_layout_independent_2_ranks():
 
 
 def test_resume_bit_identical_and_layout_independent_4_ranks():
-    # the hardest config only (stochastic rounding + both error feedbacks; 4 ranks own blocks round-robin)
-    run_ranks(_run_all, 4, [_body_resume_layout], RESUME_CONFIGS[:1])
+    # the hardest config (stochastic rounding + both error feedbacks; 4 ranks own blocks round-robin), and the
+    # all-gather form at 4 ranks
+    run_ranks(_run_all, 4, [_body_resume_layout], [RESUME_CONFIGS[0], RESUME_CONFIGS[-1]])
 
 
 # ---- convergence ----------------------------------------------------------------------------------------------------

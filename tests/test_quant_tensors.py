@@ -1,5 +1,5 @@
-"""The many-tensor quant ops (ops.quantize_tensors / dequantize_tensors, kernels in csrc/cpu/quant.cpp and
-csrc/cuda/quant.cu): bit-identical to quantize(pack(xs, align=block_size)) and unpack(dequantize(...)) and to the
+"""The many-tensor quant ops (ops.quantize_tensors / dequantize_tensors / reduce_quantized_tensors, kernels in csrc/cpu/quant.cpp and
+csrc/cuda/quant.cu): bit-identical to quantize(pack(xs, align=block_size)), unpack(dequantize(...)), unpack(reduce_quantized(...)) and to the
 reference, on lists with empty tensors, tensors smaller than a block and partial last blocks, every format and
 dtype, every error-feedback form, poisoned outputs; opcheck and the error messages."""
 import pytest
@@ -86,6 +86,26 @@ def test_dequantize_tensors_matches_dequantize_then_unpack(device, fmt, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reduce_quantized_tensors_matches_reduce_then_unpack(device, fmt, dtype):
+    for bs, W in ((32, 1), (64, 2), (256, 3)):
+        n = _padded(SHAPES, bs)
+        nbytes = ops.wire_bytes(n, fmt, bs)
+        wires = torch.stack([ops.quantize_tensors(_tensors(SHAPES, dtype, device, stable_seed(fmt, bs, r)), fmt, bs,
+                                                  out=_poisoned_wire(nbytes, device)) for r in range(W)])
+        for scale in (1.0, 1.0 / W, -0.75):
+            outs = [torch.full(s, float("nan"), dtype=dtype, device=device) for s in SHAPES]
+            ops.reduce_quantized_tensors(wires, outs, fmt, bs, scale=scale)
+            want = [torch.empty(s, dtype=dtype, device=device) for s in SHAPES]
+            ops.unpack(ops.reduce_quantized(wires, n, fmt, bs, scale=scale), want, align=bs)
+            ref = [torch.empty(s, dtype=dtype) for s in SHAPES]
+            R.reduce_quantized_tensors(wires.cpu(), ref, fmt, bs, scale=scale)
+            for o, w, r in zip(outs, want, ref):
+                assert torch.equal(o, w) and torch.equal(o.cpu(), r), (bs, W, scale, o.shape)
+
+
+@pytest.mark.parametrize("device", devices())
 def test_non_finite_values_come_through(device):
     xs = _tensors([(300,), (40,)], torch.float32, device, 5)
     xs[0][7] = float("inf")
@@ -130,6 +150,9 @@ def test_opcheck(device):
         (torch.ops.pyperf.dequantize_tensors_.default,
          (wire, "int8", 64, 1.0, [torch.empty(100, dtype=torch.half, device=device),
                                   torch.empty(3, 50, dtype=torch.half, device=device)])),
+        (torch.ops.pyperf.reduce_quantized_tensors_.default,
+         (torch.stack([wire, wire]), "int8", 64, 0.5, [torch.empty(100, device=device),
+                                                       torch.empty(3, 50, device=device)])),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -163,6 +186,12 @@ def test_bad_input_errors():
         ops.dequantize_tensors(wire, [torch.empty(100), torch.empty(50, dtype=torch.half)], "int8", 64)
     with pytest.raises(RuntimeError, match=r"outs\[0\]: expected a contiguous tensor"):
         ops.dequantize_tensors(wire, [torch.empty(20, 5).t(), torch.empty(50)], "int8", 64)
+    with pytest.raises(RuntimeError, match=r"wires: expected shape \[W, wire_bytes\(192, fmt, 64\) = 204\]"):
+        ops.reduce_quantized_tensors(torch.stack([wire, wire])[:, :-4], [torch.empty(100), torch.empty(50)], "int8",
+                                     64)
+    with pytest.raises(RuntimeError, match=r"outs\[1\]: expected dtype Float like outs\[0\], got Half"):
+        ops.reduce_quantized_tensors(torch.stack([wire, wire]), [torch.empty(100), torch.empty(50).half()], "int8",
+                                     64)
 
 
 @pytest.mark.parametrize("device", [d for d in devices() if d != "cpu"] or ["cuda"])
@@ -185,4 +214,8 @@ def test_cuda_bits_match_cpu(device, fmt):
             outs = [torch.full(s, float("nan"), dtype=dtype) for s in shapes]
             ops.dequantize_tensors(wc, outs_c, fmt, bs, scale=0.5)
             ops.dequantize_tensors(w, outs, fmt, bs, scale=0.5)
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(outs_c, outs)), (bs, dtype)
+            wires = torch.stack([w, w, w])
+            ops.reduce_quantized_tensors(wires.to(device), outs_c, fmt, bs, scale=1 / 3)
+            ops.reduce_quantized_tensors(wires, outs, fmt, bs, scale=1 / 3)
             assert all(torch.equal(a.cpu(), b) for a, b in zip(outs_c, outs)), (bs, dtype)

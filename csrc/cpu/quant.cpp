@@ -407,6 +407,43 @@ at::Tensor reduce_quantized_cpu(const at::Tensor& wires, int64_t numel, c10::str
   return out;
 }
 
+// The all-gather form of the quantized all-reduce (every rank reduces every block) decodes W wires straight
+// into the gradients: one pass, no fp32 sum buffer, no unpack.
+void reduce_quantized_tensors_cpu(const at::Tensor& wires, c10::string_view fmt, int64_t block_size, double scale,
+                                  at::TensorList outs) {
+  const TensorsLayout l = check_tensors_wires(outs, fmt, block_size, wires);
+  const WireLayout& w = l.w;
+  if (w.nblocks == 0) return;
+  const uint8_t* wp = wires.data_ptr<uint8_t>();
+  const int64_t W = wires.size(0);
+  const float uscale = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, outs[0].scalar_type(), "reduce_quantized_tensors_cpu",
+                                  [&] {
+    std::vector<scalar_t*> ptrs;
+    std::vector<int64_t> numels;
+    for (const auto& o : outs) {
+      ptrs.push_back(o.numel() ? o.data_ptr<scalar_t>() : nullptr);
+      numels.push_back(o.numel());
+    }
+    dispatch_format(w.fmt, [&](auto F_) {
+      constexpr int F = decltype(F_)::value;
+      const Decoder<F> dec;
+      parallel_blocks(w.nblocks, block_size, [&](int64_t b0, int64_t b1) PYPERF_CPU_LAMBDA {
+        float v[kMaxBlock];
+        int64_t t = tensor_of_block(l.bstart, b0);
+        for (int64_t b = b0; b < b1; ++b) {
+          while (b >= l.bstart[t + 1]) ++t;
+          const int64_t local = (b - l.bstart[t]) * block_size;
+          const int64_t n = std::min(block_size, numels[t] - local);
+          stage_sum<F>(wp, W, w, b, n, uscale, dec, v);
+          scalar_t* o = ptrs[t] + local;
+          for (int64_t i = 0; i < n; ++i) o[i] = static_cast<scalar_t>(v[i]);
+        }
+      });
+    });
+  });
+}
+
 void reduce_requantize_into_cpu(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size,
                                 double scale, bool stochastic, int64_t seed, int64_t offset,
                                 const c10::optional<at::Tensor>& residual, at::Tensor& out,
@@ -471,6 +508,7 @@ TORCH_LIBRARY_IMPL(pyperf, CPU, m) {
   m.impl("reduce_requantize_into", &reduce_requantize_into_cpu);
   m.impl("quantize_tensors_into", &quantize_tensors_into_cpu);
   m.impl("dequantize_tensors_", &dequantize_tensors_cpu);
+  m.impl("reduce_quantized_tensors_", &reduce_quantized_tensors_cpu);
 }
 
 }  // namespace pyperf

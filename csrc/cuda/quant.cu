@@ -510,6 +510,15 @@ void dequantize_tensors_cuda(const at::Tensor& wire, c10::string_view fmt, int64
   cuda_unpack(flat, outs, 1.0, block_size);
 }
 
+void reduce_quantized_tensors_cuda(const at::Tensor& wires, c10::string_view fmt, int64_t block_size, double scale,
+                                   at::TensorList outs) {
+  const TensorsLayout l = check_tensors_wires(outs, fmt, block_size, wires);
+  if (l.w.nblocks == 0) return;
+  c10::cuda::CUDAGuard guard(wires.device());
+  at::Tensor flat = reduce_quantized_cuda(wires, l.w.numel, fmt, block_size, scale, at::kFloat);
+  cuda_unpack(flat, outs, 1.0, block_size);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyperf, CUDA, m) {
@@ -522,6 +531,7 @@ TORCH_LIBRARY_IMPL(pyperf, CUDA, m) {
   m.impl("reduce_requantize_into", &reduce_requantize_into_cuda);
   m.impl("quantize_tensors_into", &quantize_tensors_into_cuda);
   m.impl("dequantize_tensors_", &dequantize_tensors_cuda);
+  m.impl("reduce_quantized_tensors_", &reduce_quantized_tensors_cuda);
 }
 
 }  // namespace pyperf

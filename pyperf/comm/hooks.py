@@ -13,6 +13,13 @@ Why the quantized hook looks the way it does:
   other buckets gather/scatter whole runs of parameters with one ops.pack/unpack each. Every per-bucket index and
   buffer is built once per bucket layout (_Plan). state_dict() converts to the model-wide global-block layout
   (unchanged format), load_state_dict() back.
+- Two ways to move the wires (algorithm=). two_shot: an all-to-all gives rank s the blocks it owns from every
+  rank, it reduces them, requantizes the sum (with its own server-side error feedback) and an all-gather returns
+  the reduced blocks; each rank sends 2 (W - 1) / W wires, in two dependent phases. all_gather: every rank's whole
+  wire goes to every rank and each sums all W in rank order; (W - 1) wires, one phase, no requantization. With 2
+  ranks both send one wire, so "auto" takes all_gather there: the reduce waits on nothing but its own all-gather,
+  so no stage two is left to run on the autograd thread (on Gloo, waiting for the all-to-all there stalled the
+  backward pass whenever the link was the bottleneck), and the sum carries no second quantization error.
 - Small parameters (numel < min_numel) are not quantized: they are all-gathered in fp32 and summed in rank order,
   which is exact-mean-accurate and, unlike a ring all-reduce, independent of the bucket layout.
 - GradScaler: a non-finite gradient comes out non-finite (the step is skipped by the scaler); the residuals are
@@ -27,6 +34,7 @@ import torch.distributed as dist
 
 from pyperf.comm.quantized import TwoShot, _all_gather, _forward, _q, check_format, mix_seed
 
+ALGORITHMS = ("auto", "two_shot", "all_gather")
 KINDS = ("allreduce", "bf16", "fp16", "int8", "int4", "fp8", "fp8_e4m3", "fp8_e5m2")
 _QUANT_FMT = {"int8": "int8", "int4": "int4", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
@@ -100,6 +108,20 @@ class _Plan:
         self.res_buf = self.srv_buf = None
         if self.nblocks == 0:
             return
+        self.res_runs = _runs((state._cstart[g] * B, (state._cstart[g] + nb) * B) for g, nb in zip(self.gidx, self.nbs))
+        self.pstart = [0]
+        for nb in self.nbs:
+            self.pstart.append(self.pstart[-1] + nb)
+        self.P = None      # the packed fp32 gradients: only stochastic rounding and the statistics need them
+        self.wire = torch.empty(_q.wire_bytes(self.nblocks * B, state.fmt, B), dtype=torch.uint8, device=device)
+        self.pb = (self.wire.numel() - 4 * self.nblocks) // self.nblocks       # payload bytes per block
+        self.scales = self.wire[:4 * self.nblocks].view(self.nblocks, 4)
+        self.payload = self.wire[4 * self.nblocks:].view(self.nblocks, self.pb)
+        if state._all_gather:
+            # every rank's whole wire; reused like the two-shot buffers below
+            self.gathered = torch.empty(W, self.wire.numel(), dtype=torch.uint8, device=device)
+            self.srv_runs = []
+            return
         gblk = torch.cat([torch.arange(state._gstart[g], state._gstart[g] + nb) for g, nb in zip(self.gidx, self.nbs)])
         owner = gblk % W
         perm = torch.argsort(owner * self.nblocks + torch.arange(self.nblocks), stable=True)
@@ -110,8 +132,7 @@ class _Plan:
             self.bounds.append(self.bounds[-1] + c)
         self.perm = perm.to(device)
         self.perm_seg = [self.perm[self.bounds[s]:self.bounds[s + 1]] for s in range(W)]
-        # residual runs (element ranges of the compact buffers), in the order of P / of this rank's segment
-        self.res_runs = _runs((state._cstart[g] * B, (state._cstart[g] + nb) * B) for g, nb in zip(self.gidx, self.nbs))
+        # server residual runs (element ranges of the compact buffer), in the order of this rank's segment
         self.srv_runs = _runs((state._sstart[g] * B, (state._sstart[g] + state._sowned[g]) * B) for g in self.gidx)
         assert sum(b - a for a, b in self.srv_runs) == counts[r] * B
         # this rank's runs of blocks of one parameter (the unit of stochastic rounding, keyed by parameter)
@@ -121,14 +142,6 @@ class _Plan:
         for g, n in zip(*torch.unique_consecutive(pidx, return_counts=True)):
             self.runs.append((k, int(n), int(g)))
             k += int(n)
-        self.pstart = [0]
-        for nb in self.nbs:
-            self.pstart.append(self.pstart[-1] + nb)
-        self.P = None      # the packed fp32 gradients: only stochastic rounding and the statistics need them
-        self.wire = torch.empty(_q.wire_bytes(self.nblocks * B, state.fmt, B), dtype=torch.uint8, device=device)
-        self.pb = (self.wire.numel() - 4 * self.nblocks) // self.nblocks       # payload bytes per block
-        self.scales = self.wire[:4 * self.nblocks].view(self.nblocks, 4)
-        self.payload = self.wire[4 * self.nblocks:].view(self.nblocks, self.pb)
         self.inv = torch.argsort(perm).to(device)
         self.seg_scales = torch.empty_like(self.scales)
         self.seg_payload = torch.empty_like(self.payload)
@@ -167,8 +180,11 @@ class _Plan:
 
         B = state.block_size
         res, res_out = view(state._residual, state._residual_next, self.res_runs, self.nblocks * B, "res_buf")
-        srv, srv_out = view(state._server_residual, state._server_next, self.srv_runs, self.lens[state.rank],
-                            "srv_buf")
+        if state._all_gather:                # no server side: every rank reduces every block
+            srv = srv_out = None
+        else:
+            srv, srv_out = view(state._server_residual, state._server_next, self.srv_runs, self.lens[state.rank],
+                                "srv_buf")
         return res, res_out, srv, srv_out, back
 
 
@@ -182,7 +198,7 @@ class HookState:
 
     def __init__(self, kind, process_group=None, params=None, names=None, *, block_size=256,
                  stochastic_rounding=False, error_feedback=True, start_iter=0, min_numel=1024, seed=0,
-                 skip_nonfinite=True, stats_every=100):
+                 skip_nonfinite=True, stats_every=100, algorithm="auto"):
         if kind not in KINDS:
             raise ValueError("kind: expected one of %s, got %r" % (", ".join(KINDS), kind))
         self.kind = kind
@@ -194,10 +210,16 @@ class HookState:
         for name, v in (("start_iter", start_iter), ("min_numel", min_numel), ("stats_every", stats_every)):
             if not isinstance(v, int) or v < 0:
                 raise ValueError("%s: expected an int >= 0, got %r" % (name, v))
+        if algorithm not in ALGORITHMS:
+            raise ValueError("algorithm: expected one of %s, got %r" % (", ".join(ALGORITHMS), algorithm))
         self.process_group = process_group
         group = process_group if process_group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.algorithm = algorithm
+        # with 2 ranks the all-gather form sends the same bytes as the two-shot one in one phase (see the module
+        # docstring); with more it sends (W - 1) wires instead of 2 (W - 1) / W
+        self._all_gather = algorithm == "all_gather" or (algorithm == "auto" and self.world_size == 2)
         self.block_size = block_size
         self.stochastic_rounding = bool(stochastic_rounding)
         self.error_feedback = bool(error_feedback)
@@ -273,7 +295,8 @@ class HookState:
         if self._residual is not None and (self._residual_next is None
                                            or self._residual_next.device != self._residual.device):
             self._residual_next = torch.empty_like(self._residual)
-            self._server_next = torch.empty_like(self._server_residual)
+            # the all-gather form never writes server residuals: both buffers stay zero across the swaps
+            self._server_next = (torch.zeros_like if self._all_gather else torch.empty_like)(self._server_residual)
 
     def _plan(self, bucket):
         params = bucket.parameters()
@@ -363,7 +386,7 @@ class HookState:
             self._settle()
         return {
             "kind": self.kind, "block_size": self.block_size, "world_size": self.world_size, "rank": self.rank,
-            "seed": self.seed, "iter": self.iter, "param_numels": list(self._numels),
+            "seed": self.seed, "iter": self.iter, "param_numels": list(self._numels), "algorithm": self.algorithm,
             "param_names": list(self._names),
             "residual": None if self._residual is None else self._full(self._residual, self._gblocks, 0),
             "server_residual": None if self._server_residual is None else self._full(self._server_residual,
@@ -390,6 +413,8 @@ class HookState:
             self._residual = self._compact(sd["residual"], self._gblocks, 0, "residual").to(dev)
             self._server_residual = self._compact(sd["server_residual"], self._rows, 1, "server_residual").to(dev)
             self._residual_next = self._server_next = None
+            if self._all_gather:          # a two-shot run's server residuals have no use here (no server side)
+                self._server_residual.zero_()
             self._ensure_residual(dev)
         st = sd.get("stats") or {}
         for k, v in st.items():
@@ -527,7 +552,7 @@ def quantized_hook(state: HookState, bucket):
         futs.append(sfut.then(unpack_small))
 
     if plan.nblocks:
-        ts, pb = plan.two_shot, plan.pb
+        pb = plan.pb
         big_grads = [grads[i] for i in plan.canon]
         res = res_out = srv = srv_out = None
         back = ()
@@ -559,8 +584,29 @@ def quantized_hook(state: HookState, bucket):
                 sc, pl = _wire_parts(sub, b - a, pb)
                 plan.scales[a:b].copy_(sc)
                 plan.payload[a:b].copy_(pl)
+        if state._all_gather:
+            for buf_, views in back:          # residuals that were gathered (buckets that are not parameter ranges)
+                _q.unpack(buf_, views)
+            state.stats.bytes_sent += (W - 1) * plan.wire.numel()
+            gfut = _all_gather(plan.gathered.view(-1), plan.wire, group=group, async_op=True).get_future()
+
+            def reduce_all(f, plan=plan, big_grads=big_grads, stats=stats, flags=flags):
+                # every rank sums the same W wires in rank order: the replicas stay identical
+                t1 = time.perf_counter()
+                f.value()
+                g = plan.gathered
+                flags.append(~torch.isfinite(g[:, :4 * plan.nblocks].view(torch.float32)).all())
+                _q.reduce_quantized_tensors(g, big_grads, plan_fmt, B, scale=1.0 / W)
+                stats.hook_time_s += time.perf_counter() - t1
+                return buf
+
+            plan_fmt = state.fmt
+            futs.append(gfut.then(reduce_all))
+            state._flush(last=bucket.is_last())
+            return _finish_hook(state, bucket, t0, futs, buf)
+
         # ... then move whole quantized blocks (1/4 of the fp32 bytes) into per-owner segments
-        send = plan.send
+        ts, send = plan.two_shot, plan.send
         for s in range(W):
             c = plan.bounds[s + 1] - plan.bounds[s]
             if c:
@@ -626,7 +672,10 @@ def quantized_hook(state: HookState, bucket):
         state._defer(stage_two)
 
     state._flush(last=bucket.is_last())
+    return _finish_hook(state, bucket, t0, futs, buf)
 
+
+def _finish_hook(state, bucket, t0, futs, buf):
     _finish(state, bucket, t0)
     if not futs:                       # a bucket of zero-size parameters
         done = torch.futures.Future()
@@ -654,7 +703,9 @@ def register(ddp_model, kind, *, process_group=None, **options):
     options (quantized kinds): block_size=256 (power of two), stochastic_rounding=False, error_feedback=True,
     start_iter=0 (plain fp32 all-reduce for the first N steps), min_numel=1024 (smaller parameters go fp32),
     seed=0, skip_nonfinite=True (roll residuals back after an inf/nan step), stats_every=100 (measure the
-    quantization error every N steps; 0: never).
+    quantization error every N steps; 0: never), algorithm="auto" (two_shot: all-to-all, reduce, all-gather of the
+    reduced segments; all_gather: every rank's whole wire to every rank, each reduces all; auto: all_gather for 2
+    ranks, where it sends the same bytes in one phase, else two_shot).
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
     if not isinstance(ddp_model, DDP):
@@ -676,7 +727,7 @@ def register(ddp_model, kind, *, process_group=None, **options):
             raise TypeError("register: the %r hook supports float32, bfloat16 and float16 parameters, the model has "
                             "%s" % (kind, ", ".join(bad)))
     unknown = set(options) - {"block_size", "stochastic_rounding", "error_feedback", "start_iter", "min_numel",
-                              "seed", "skip_nonfinite", "stats_every"}
+                              "seed", "skip_nonfinite", "stats_every", "algorithm"}
     if unknown:
         raise TypeError("register: unknown option(s) %s" % ", ".join(sorted(unknown)))
     state = HookState(kind, pg, [p for _, p in named], [n for n, _ in named], **options)

@@ -165,6 +165,19 @@ struct TensorsLayout {
   WireLayout w;                 // of the whole padded layout
 };
 
+// Where each tensor's blocks start: tensor i covers blocks [bstart[i], bstart[i + 1]).
+inline std::vector<int64_t> block_starts(at::TensorList xs, int64_t block_size) {
+  std::vector<int64_t> bstart;
+  bstart.reserve(xs.size() + 1);
+  int64_t b = 0;
+  for (const auto& x : xs) {
+    bstart.push_back(b);
+    b += (x.numel() + block_size - 1) / block_size;
+  }
+  bstart.push_back(b);
+  return bstart;
+}
+
 // xs: one float dtype, contiguous, on wire's device. The wire (`wire_name`, read or written) must hold exactly the
 // padded layout.
 inline TensorsLayout check_tensors_layout(at::TensorList xs, const char* name, c10::string_view fmt,
@@ -173,15 +186,21 @@ inline TensorsLayout check_tensors_layout(at::TensorList xs, const char* name, c
   check_tensor_list(xs, name, &wire);
   if (!xs.empty()) check_float_dtype(xs[0], name);
   TensorsLayout l;
-  l.bstart.reserve(xs.size() + 1);
-  int64_t b = 0;
-  for (const auto& x : xs) {
-    l.bstart.push_back(b);
-    b += (x.numel() + block_size - 1) / block_size;
-  }
-  l.bstart.push_back(b);
-  l.w = wire_layout(b * block_size, fmt, block_size);
+  l.bstart = block_starts(xs, block_size);
+  l.w = wire_layout(l.bstart.back() * block_size, fmt, block_size);
   check_wire(wire, l.w, wire_name);
+  return l;
+}
+
+// reduce_quantized_tensors_: the [W, wire_bytes] stack holds one wire of the padded layout of outs per rank.
+inline TensorsLayout check_tensors_wires(at::TensorList outs, c10::string_view fmt, int64_t block_size,
+                                         const at::Tensor& wires) {
+  wire_layout(0, fmt, block_size);
+  check_tensor_list(outs, "outs", &wires);
+  if (!outs.empty()) check_float_dtype(outs[0], "outs");
+  TensorsLayout l;
+  l.bstart = block_starts(outs, block_size);
+  l.w = check_wires(wires, l.bstart.back() * block_size, fmt, block_size);
   return l;
 }
 
