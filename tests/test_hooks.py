@@ -237,10 +237,10 @@ def _body_ef(rank, W):
         assert rmax < gmax, (kind, rmax, gmax)      # the residual stays bounded (about one step's error)
 
 
-def _scaler_run(kind, rank, inf_steps, steps=8):
+def _scaler_run(kind, rank, inf_steps, steps=8, min_numel=0):
     from pyperf import hooks
     ddp = DDP(_model())
-    st = hooks.register(ddp, kind, block_size=64, min_numel=0)
+    st = hooks.register(ddp, kind, block_size=64, min_numel=min_numel)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3)
     target = ddp.module[2].weight
@@ -275,6 +275,9 @@ def _body_scaler(rank, W):
             before, after = res[i]
             assert torch.equal(before, after), (kind, i)
         assert bool(torch.isfinite(res[-1][1]).all())
+    # the inf in a parameter sent uncompressed (below min_numel): the fp32 path flags it the same way
+    s, c, _, st = _scaler_run("int8", rank, inf_steps, min_numel=10 ** 9)
+    assert s == s_ref and c == c_ref and st.stats.nonfinite_steps == len(inf_steps), (s, s_ref, c, c_ref)
 
 
 def test_error_feedback_and_gradscaler_2_ranks():

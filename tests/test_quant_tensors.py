@@ -103,6 +103,13 @@ def test_reduce_quantized_tensors_matches_reduce_then_unpack(device, fmt, dtype)
             R.reduce_quantized_tensors(wires.cpu(), ref, fmt, bs, scale=scale)
             for o, w, r in zip(outs, want, ref):
                 assert torch.equal(o, w) and torch.equal(o.cpu(), r), (bs, W, scale, o.shape)
+        # rows spaced further apart (the wire is a column slice of a gather buffer with more after each wire)
+        wide = torch.full((W, nbytes + 12), 0xCD, dtype=torch.uint8, device=device)
+        wide[:, :nbytes] = wires
+        outs = [torch.full(s, float("nan"), dtype=dtype, device=device) for s in SHAPES]
+        ops.reduce_quantized_tensors(wide[:, :nbytes], outs, fmt, bs, scale=0.5)
+        ops.unpack(ops.reduce_quantized(wires, n, fmt, bs, scale=0.5), want, align=bs)
+        assert all(torch.equal(o, w) for o, w in zip(outs, want)), (bs, W, "strided rows")
 
 
 @pytest.mark.parametrize("device", devices())
@@ -189,6 +196,12 @@ def test_bad_input_errors():
     with pytest.raises(RuntimeError, match=r"wires: expected shape \[W, wire_bytes\(192, fmt, 64\) = 204\]"):
         ops.reduce_quantized_tensors(torch.stack([wire, wire])[:, :-4], [torch.empty(100), torch.empty(50)], "int8",
                                      64)
+    wide = torch.zeros(2, 220, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="wires: expected 4-byte aligned rows"):
+        ops.reduce_quantized_tensors(wide[:, 1:205], [torch.empty(100), torch.empty(50)], "int8", 64)
+    with pytest.raises(RuntimeError, match="wires: expected rows of contiguous bytes"):
+        ops.reduce_quantized_tensors(torch.zeros(204, 2, dtype=torch.uint8).t(), [torch.empty(100), torch.empty(50)],
+                                     "int8", 64)
     with pytest.raises(RuntimeError, match=r"outs\[1\]: expected dtype Float like outs\[0\], got Half"):
         ops.reduce_quantized_tensors(torch.stack([wire, wire]), [torch.empty(100), torch.empty(50).half()], "int8",
                                      64)

@@ -354,14 +354,15 @@ void dequantize_tensors_cpu(const at::Tensor& wire, c10::string_view fmt, int64_
 // ---- reduce (dequantize W chunks, fp32 sum in rank order, scale; optionally requantize) ----
 
 
-// Stages the scaled fp32 sum of block b of every wire in v (zeros beyond n), in rank order.
+// Stages the scaled fp32 sum of block b of every wire in v (zeros beyond n), in rank order. Rank r's wire starts
+// at wp + r * row_stride.
 template <int F>
-PYPERF_CPU_INLINE void stage_sum(const uint8_t* wp, int64_t W, const WireLayout& w, int64_t b, int64_t n, float uscale,
-                      const Decoder<F>& dec, float* v) {
+PYPERF_CPU_INLINE void stage_sum(const uint8_t* wp, int64_t W, int64_t row_stride, const WireLayout& w, int64_t b,
+                                 int64_t n, float uscale, const Decoder<F>& dec, float* v) {
   const int64_t bs = w.block_size;
   for (int64_t i = 0; i < bs; ++i) v[i] = 0.0f;
   for (int64_t r = 0; r < W; ++r) {
-    const uint8_t* row = wp + r * w.bytes;
+    const uint8_t* row = wp + r * row_stride;
     float s;
     std::memcpy(&s, row + 4 * b, sizeof(float));
     const uint8_t* payload = row + w.payload_offset + b * payload_bytes_per_block(w.fmt, bs);
@@ -398,7 +399,7 @@ at::Tensor reduce_quantized_cpu(const at::Tensor& wires, int64_t numel, c10::str
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t first = b * block_size;
           const int64_t n = std::min(block_size, numel - first);
-          stage_sum<F>(wp, W, w, b, n, uscale, dec, v);
+          stage_sum<F>(wp, W, w.bytes, w, b, n, uscale, dec, v);
           for (int64_t i = 0; i < n; ++i) op[first + i] = static_cast<scalar_t>(v[i]);
         }
       });
@@ -416,6 +417,7 @@ void reduce_quantized_tensors_cpu(const at::Tensor& wires, c10::string_view fmt,
   if (w.nblocks == 0) return;
   const uint8_t* wp = wires.data_ptr<uint8_t>();
   const int64_t W = wires.size(0);
+  const int64_t row_stride = wires.stride(0);
   const float uscale = static_cast<float>(scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, outs[0].scalar_type(), "reduce_quantized_tensors_cpu",
                                   [&] {
@@ -435,7 +437,7 @@ void reduce_quantized_tensors_cpu(const at::Tensor& wires, c10::string_view fmt,
           while (b >= l.bstart[t + 1]) ++t;
           const int64_t local = (b - l.bstart[t]) * block_size;
           const int64_t n = std::min(block_size, numels[t] - local);
-          stage_sum<F>(wp, W, w, b, n, uscale, dec, v);
+          stage_sum<F>(wp, W, row_stride, w, b, n, uscale, dec, v);
           scalar_t* o = ptrs[t] + local;
           for (int64_t i = 0; i < n; ++i) o[i] = static_cast<scalar_t>(v[i]);
         }
@@ -467,7 +469,7 @@ void reduce_requantize_into_cpu(const at::Tensor& wires, int64_t numel, c10::str
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t first = b * block_size;
             const int64_t n = std::min(block_size, numel - first);
-            stage_sum<F>(wp, W, w, b, n, uscale, dec, v);
+            stage_sum<F>(wp, W, w.bytes, w, b, n, uscale, dec, v);
             if constexpr (EF) {
               if (res.in != nullptr) {
                 for (int64_t i = 0; i < n; ++i) v[i] = add_rn(v[i], res.in[first + i]);

@@ -515,7 +515,8 @@ void reduce_quantized_tensors_cuda(const at::Tensor& wires, c10::string_view fmt
   const TensorsLayout l = check_tensors_wires(outs, fmt, block_size, wires);
   if (l.w.nblocks == 0) return;
   c10::cuda::CUDAGuard guard(wires.device());
-  at::Tensor flat = reduce_quantized_cuda(wires, l.w.numel, fmt, block_size, scale, at::kFloat);
+  // reduce_quantized reads a contiguous stack: a row-strided slice of a gather buffer is copied first
+  at::Tensor flat = reduce_quantized_cuda(wires.contiguous(), l.w.numel, fmt, block_size, scale, at::kFloat);
   cuda_unpack(flat, outs, 1.0, block_size);
 }
 

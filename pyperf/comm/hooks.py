@@ -106,6 +106,14 @@ class _Plan:
         self.nbs = [-(-state._numels[g] // B) for g in self.gidx]
         self.nblocks = sum(self.nbs)
         self.res_buf = self.srv_buf = None
+        if state._all_gather:
+            # one send buffer per bucket, [quantized wire][fp32 small parameters], and every rank's copy of it;
+            # reused every step (the bucket's previous all-gather completed before DDP calls its hook again)
+            qbytes = _q.wire_bytes(self.nblocks * B, state.fmt, B) if self.nblocks else 0
+            self.send_all = torch.empty(qbytes + 4 * self.small_numel, dtype=torch.uint8, device=device)
+            self.small_f32 = self.send_all[qbytes:].view(torch.float32)   # qbytes is a multiple of 4
+            self.gathered = torch.empty(W, self.send_all.numel(), dtype=torch.uint8, device=device)
+            self.srv_runs = []
         if self.nblocks == 0:
             return
         self.res_runs = _runs((state._cstart[g] * B, (state._cstart[g] + nb) * B) for g, nb in zip(self.gidx, self.nbs))
@@ -113,14 +121,14 @@ class _Plan:
         for nb in self.nbs:
             self.pstart.append(self.pstart[-1] + nb)
         self.P = None      # the packed fp32 gradients: only stochastic rounding and the statistics need them
-        self.wire = torch.empty(_q.wire_bytes(self.nblocks * B, state.fmt, B), dtype=torch.uint8, device=device)
+        if state._all_gather:
+            self.wire = self.send_all[:qbytes]
+        else:
+            self.wire = torch.empty(_q.wire_bytes(self.nblocks * B, state.fmt, B), dtype=torch.uint8, device=device)
         self.pb = (self.wire.numel() - 4 * self.nblocks) // self.nblocks       # payload bytes per block
         self.scales = self.wire[:4 * self.nblocks].view(self.nblocks, 4)
         self.payload = self.wire[4 * self.nblocks:].view(self.nblocks, self.pb)
         if state._all_gather:
-            # every rank's whole wire; reused like the two-shot buffers below
-            self.gathered = torch.empty(W, self.wire.numel(), dtype=torch.uint8, device=device)
-            self.srv_runs = []
             return
         gblk = torch.cat([torch.arange(state._gstart[g], state._gstart[g] + nb) for g, nb in zip(self.gidx, self.nbs)])
         owner = gblk % W
@@ -507,7 +515,8 @@ def fp16_hook(state: HookState, bucket):
 
 
 def quantized_hook(state: HookState, bucket):
-    """Two-shot int8/int4/fp8 all-reduce (state.fmt) with per-rank error feedback; see the module docstring."""
+    """int8/int4/fp8 all-reduce (state.fmt) with per-rank error feedback, two-shot or all-gather (see the module
+    docstring)."""
     t0 = time.perf_counter()
     W = state.world_size
     if W == 1 or not state._compressing():
@@ -516,163 +525,195 @@ def quantized_hook(state: HookState, bucket):
     if buf.dtype not in _FLOAT:
         raise TypeError("pyperf %s hook: gradients must be float32, bfloat16 or float16, got %s"
                         % (state.kind, buf.dtype))
-    dev = buf.device
-    state._ensure_residual(dev)
+    state._ensure_residual(buf.device)
     state._begin_bucket()
     plan = state._plan(bucket)
-    group = _group(state)
-    B = state.block_size
-    stats, flags = state.stats, state._step_nonfinite   # what the callbacks may touch (never the state itself:
-    # it holds the process group, whose last reference must not die on the backend's worker thread)
     state.stats.compressed_buckets += 1
     state.stats.bytes_fp32_ring += _ring_bytes(buf.numel(), 4, W)
-    futs = []
-
     grads = bucket.gradients()
+    if state._all_gather:
+        futs = _all_gather_bucket(state, plan, grads, buf)
+    else:
+        futs = _two_shot_bucket(state, plan, grads, buf)
+    state._flush(last=bucket.is_last())
+    return _finish_hook(state, bucket, t0, futs, buf)
+
+
+def _quantize_bucket(state, plan, big_grads):
+    """Quantize the bucket's quantized parameters into plan.wire (model order, each padded to whole blocks), with
+    the client error feedback. Returns the server residual views (two-shot) and the gathered residual copies to
+    write back once the step's residual updates are done."""
+    B, pb = state.block_size, plan.pb
+    res = res_out = srv = srv_out = None
+    back = ()
+    if state.error_feedback:
+        res, res_out, srv, srv_out, back = plan.residuals(state)
+        state._wrote_next = True
+    if state.stats_every and state.iter % state.stats_every == 0:
+        P = plan.packed(big_grads, B)
+        v = P if res is None else P + res
+        tmp = torch.zeros_like(v)
+        _q.quantize(v, state.fmt, B, residual=tmp)
+        vn = float(v.norm())
+        state.stats.rel_error = float(tmp.norm()) / vn if vn > 0 else 0.0
+    # straight from the bucket's gradients; stochastic rounding: one call per parameter, keyed by parameter index,
+    # so the noise does not depend on what else shares the bucket
+    if not state.stochastic_rounding:
+        _q.quantize_tensors(big_grads, state.fmt, B, residual=res, residual_out=res_out, out=plan.wire)
+    else:
+        cseed = mix_seed(state.seed, 1, state.rank, state.iter)
+        P = plan.packed(big_grads, B)
+        for k, g in enumerate(plan.gidx):
+            a, b = plan.pstart[k], plan.pstart[k + 1]
+            sub = _q.quantize(P[a * B:b * B], state.fmt, B, stochastic=True, seed=cseed, offset=g,
+                              residual=None if res is None else res[a * B:b * B],
+                              residual_out=None if res is None else res_out[a * B:b * B])
+            sc, pl = _wire_parts(sub, b - a, pb)
+            plan.scales[a:b].copy_(sc)
+            plan.payload[a:b].copy_(pl)
+    return srv, srv_out, back
+
+
+def _sum_small(g, W):
+    """fp32 sum of the W rows of g in rank order (exact-mean-accurate, the same on every rank)."""
+    tot = g[0].clone()
+    for s in range(1, W):
+        tot.add_(g[s])
+    return tot
+
+
+def _all_gather_bucket(state, plan, grads, buf):
+    """One all-gather per bucket: [quantized wire][fp32 values of the parameters below min_numel] from every rank;
+    when it completes every rank sums all W in rank order, straight into the gradients (the backend's thread)."""
+    W, B, fmt = state.world_size, state.block_size, state.fmt
+    stats, flags = state.stats, state._step_nonfinite   # what the callback may touch (never the state itself:
+    # it holds the process group, whose last reference must not die on the backend's worker thread)
+    big_grads = [grads[i] for i in plan.canon]
+    small_grads = [grads[i] for i in plan.small]
+    if plan.nblocks:
+        _, _, back = _quantize_bucket(state, plan, big_grads)
+        for buf_, views in back:          # residuals that were gathered (buckets that are not parameter ranges)
+            _q.unpack(buf_, views)
+    if plan.small_numel:
+        _q.pack(small_grads, out_dtype=torch.float32, out=plan.small_f32)
+    if plan.send_all.numel() == 0:        # a bucket of zero-size parameters
+        return []
+    stats.bytes_sent += (W - 1) * plan.send_all.numel()
+    fut = _all_gather(plan.gathered.view(-1), plan.send_all, group=_group(state), async_op=True).get_future()
+    qb = plan.send_all.numel() - 4 * plan.small_numel       # the quantized wire's bytes
+
+    def reduce_all(f):
+        t1 = time.perf_counter()
+        f.value()
+        g = plan.gathered
+        if plan.nblocks:
+            flags.append(~torch.isfinite(g[:, :4 * plan.nblocks].view(torch.float32)).all())
+            _q.reduce_quantized_tensors(g[:, :qb], big_grads, fmt, B, scale=1.0 / W)
+        if plan.small_numel:
+            tot = _sum_small(g[:, qb:].view(torch.float32), W)
+            flags.append(~torch.isfinite(tot).all())
+            _q.unpack(tot, small_grads, scale=1.0 / W)
+        stats.hook_time_s += time.perf_counter() - t1
+        return buf
+
+    return [fut.then(reduce_all)]
+
+
+def _two_shot_bucket(state, plan, grads, buf):
+    W, B, fmt = state.world_size, state.block_size, state.fmt
+    dev, group = buf.device, _group(state)
+    stats, flags = state.stats, state._step_nonfinite
+    futs = []
     # parameters below min_numel: fp32 all-gather, summed in rank order (exact, layout-independent)
     if plan.small_numel:
         small_grads = [grads[i] for i in plan.small]
         small = _q.pack(small_grads, out_dtype=torch.float32)
         gathered = torch.empty(W * plan.small_numel, dtype=torch.float32, device=dev)
-        state.stats.bytes_sent += (W - 1) * plan.small_numel * 4
+        stats.bytes_sent += (W - 1) * plan.small_numel * 4
         sfut = _all_gather(gathered, small, group=group, async_op=True).get_future()
 
-        def unpack_small(f, gathered=gathered, small_grads=small_grads, stats=stats, flags=flags):
+        def unpack_small(f, gathered=gathered, small_grads=small_grads):
             t1 = time.perf_counter()
             f.value()
-            g = gathered.view(W, -1)
-            tot = g[0].clone()
-            for s in range(1, W):
-                tot.add_(g[s])
+            tot = _sum_small(gathered.view(W, -1), W)
             flags.append(~torch.isfinite(tot).all())
             _q.unpack(tot, small_grads, scale=1.0 / W)
             stats.hook_time_s += time.perf_counter() - t1
             return buf
 
         futs.append(sfut.then(unpack_small))
+    if not plan.nblocks:
+        return futs
 
-    if plan.nblocks:
-        pb = plan.pb
-        big_grads = [grads[i] for i in plan.canon]
-        res = res_out = srv = srv_out = None
-        back = ()
-        if state.error_feedback:
-            res, res_out, srv, srv_out, back = plan.residuals(state)
-            state._wrote_next = True
-        if state.stats_every and state.iter % state.stats_every == 0:
-            P = plan.packed(big_grads, B)
-            v = P if res is None else P + res
-            tmp = torch.zeros_like(v)
-            _q.quantize(v, state.fmt, B, residual=tmp)
-            vn = float(v.norm())
-            state.stats.rel_error = float(tmp.norm()) / vn if vn > 0 else 0.0
-        sr = state.stochastic_rounding
-        cseed = mix_seed(state.seed, 1, state.rank, state.iter)
-        sseed = mix_seed(state.seed, 2, state.rank, state.iter)
-        # quantize the gradients in model order, each padded to whole blocks, straight from the bucket (stochastic
-        # rounding: one call per parameter, keyed by parameter index, so the noise does not depend on what else
-        # shares the bucket) ...
-        if not sr:
-            _q.quantize_tensors(big_grads, state.fmt, B, residual=res, residual_out=res_out, out=plan.wire)
-        else:
-            P = plan.packed(big_grads, B)
-            for k, g in enumerate(plan.gidx):
-                a, b = plan.pstart[k], plan.pstart[k + 1]
-                sub = _q.quantize(P[a * B:b * B], state.fmt, B, stochastic=True, seed=cseed, offset=g,
-                                  residual=None if res is None else res[a * B:b * B],
-                                  residual_out=None if res is None else res_out[a * B:b * B])
-                sc, pl = _wire_parts(sub, b - a, pb)
-                plan.scales[a:b].copy_(sc)
-                plan.payload[a:b].copy_(pl)
-        if state._all_gather:
-            for buf_, views in back:          # residuals that were gathered (buckets that are not parameter ranges)
+    pb = plan.pb
+    big_grads = [grads[i] for i in plan.canon]
+    srv, srv_out, back = _quantize_bucket(state, plan, big_grads)
+    sr = state.stochastic_rounding
+    sseed = mix_seed(state.seed, 2, state.rank, state.iter)
+    # move whole quantized blocks (1/4 of the fp32 bytes) into per-owner segments
+    ts, send = plan.two_shot, plan.send
+    for s in range(W):
+        c = plan.bounds[s + 1] - plan.bounds[s]
+        if c:
+            sc, pl = _wire_parts(send[ts.woffs[s]:ts.woffs[s + 1]], c, pb)
+            torch.index_select(plan.scales, 0, plan.perm_seg[s], out=sc)
+            torch.index_select(plan.payload, 0, plan.perm_seg[s], out=pl)
+
+    def requant(total):
+        c = plan.bounds[state.rank + 1] - plan.bounds[state.rank]
+        wire = torch.empty(_q.wire_bytes(c * B, fmt, B), dtype=torch.uint8, device=dev)
+        sc_all, pl_all = _wire_parts(wire, c, pb)
+        for k0, n, g in plan.runs:
+            sub = _q.quantize(total[k0 * B:(k0 + n) * B], fmt, B, stochastic=True, seed=sseed, offset=g,
+                              residual=None if srv is None else srv[k0 * B:(k0 + n) * B],
+                              residual_out=None if srv is None else srv_out[k0 * B:(k0 + n) * B])
+            sc, pl = _wire_parts(sub, n, pb)
+            sc_all[k0:k0 + n].copy_(sc)
+            pl_all[k0:k0 + n].copy_(pl)
+        return wire
+
+    work, recv = ts.exchange(group, send, plan.ts_buffers)
+    done = torch.futures.Future()
+
+    def stage_two():
+        # wait for the all-to-all, reduce this rank's segment, start the all-gather; the dequantize into the
+        # gradients runs when the all-gather completes (on the backend's thread)
+        t1 = time.perf_counter()
+        try:
+            mine = ts.reduce(work, recv, scale=1.0 / W, server_residual=srv, server_residual_out=srv_out,
+                             requantize=requant if sr else None, buffers=plan.ts_buffers)
+            gfut, gathered = ts.gather(group, mine, out=plan.ts_buffers[2])
+            stats.bytes_sent += ts.bytes_sent()
+            for buf_, views in back:      # residuals that were gathered (buckets that are not parameter ranges)
                 _q.unpack(buf_, views)
-            state.stats.bytes_sent += (W - 1) * plan.wire.numel()
-            gfut = _all_gather(plan.gathered.view(-1), plan.wire, group=group, async_op=True).get_future()
+        except BaseException as e:
+            done.set_exception(e)
+            raise
+        stats.hook_time_s += time.perf_counter() - t1
+        _forward(gfut.then(functools.partial(unpack_big, gathered=gathered)), done)
 
-            def reduce_all(f, plan=plan, big_grads=big_grads, stats=stats, flags=flags):
-                # every rank sums the same W wires in rank order: the replicas stay identical
-                t1 = time.perf_counter()
-                f.value()
-                g = plan.gathered
-                flags.append(~torch.isfinite(g[:, :4 * plan.nblocks].view(torch.float32)).all())
-                _q.reduce_quantized_tensors(g, big_grads, plan_fmt, B, scale=1.0 / W)
-                stats.hook_time_s += time.perf_counter() - t1
-                return buf
-
-            plan_fmt = state.fmt
-            futs.append(gfut.then(reduce_all))
-            state._flush(last=bucket.is_last())
-            return _finish_hook(state, bucket, t0, futs, buf)
-
-        # ... then move whole quantized blocks (1/4 of the fp32 bytes) into per-owner segments
-        ts, send = plan.two_shot, plan.send
+    def unpack_big(f, *, gathered):
+        t1 = time.perf_counter()
+        f.value()
+        # segments back to model order: contiguous copies, then one gather per part (CPU index_copy_ of
+        # byte rows is ~30x slower than index_select)
         for s in range(W):
-            c = plan.bounds[s + 1] - plan.bounds[s]
-            if c:
-                sc, pl = _wire_parts(send[ts.woffs[s]:ts.woffs[s + 1]], c, pb)
-                torch.index_select(plan.scales, 0, plan.perm_seg[s], out=sc)
-                torch.index_select(plan.payload, 0, plan.perm_seg[s], out=pl)
+            a, b = plan.bounds[s], plan.bounds[s + 1]
+            if b > a:
+                sc, pl = _wire_parts(gathered[s], b - a, plan.pb)
+                plan.seg_scales[a:b].copy_(sc)
+                plan.seg_payload[a:b].copy_(pl)
+        torch.index_select(plan.seg_scales, 0, plan.inv, out=plan.scales)
+        torch.index_select(plan.seg_payload, 0, plan.inv, out=plan.payload)
+        # the fp32 block scales tell whether any block (any rank's) was inf/nan
+        flags.append(~torch.isfinite(plan.scales.view(torch.float32)).all())
+        _q.dequantize_tensors(plan.wire, big_grads, fmt, B)
+        stats.hook_time_s += time.perf_counter() - t1
+        return buf
 
-        def requant(total, plan=plan, srv=srv, srv_out=srv_out):
-            c = plan.bounds[state.rank + 1] - plan.bounds[state.rank]
-            wire = torch.empty(_q.wire_bytes(c * B, state.fmt, B), dtype=torch.uint8, device=dev)
-            sc_all, pl_all = _wire_parts(wire, c, pb)
-            for k0, n, g in plan.runs:
-                sub = _q.quantize(total[k0 * B:(k0 + n) * B], state.fmt, B, stochastic=True, seed=sseed, offset=g,
-                                  residual=None if srv is None else srv[k0 * B:(k0 + n) * B],
-                                  residual_out=None if srv is None else srv_out[k0 * B:(k0 + n) * B])
-                sc, pl = _wire_parts(sub, n, pb)
-                sc_all[k0:k0 + n].copy_(sc)
-                pl_all[k0:k0 + n].copy_(pl)
-            return wire
-
-        work, recv = ts.exchange(group, send, plan.ts_buffers)
-        done = torch.futures.Future()
-
-        def stage_two(plan=plan, ts=ts, work=work, recv=recv, srv=srv, srv_out=srv_out, back=back,
-                      big_grads=big_grads, done=done):
-            # wait for the all-to-all, reduce this rank's segment, start the all-gather; the dequantize into the
-            # gradients runs when the all-gather completes (on the backend's thread)
-            t1 = time.perf_counter()
-            try:
-                mine = ts.reduce(work, recv, scale=1.0 / W, server_residual=srv, server_residual_out=srv_out,
-                                 requantize=requant if sr else None, buffers=plan.ts_buffers)
-                gfut, gathered = ts.gather(group, mine, out=plan.ts_buffers[2])
-                stats.bytes_sent += ts.bytes_sent()
-                for buf_, views in back:      # residuals that were gathered (buckets that are not parameter ranges)
-                    _q.unpack(buf_, views)
-            except BaseException as e:
-                done.set_exception(e)
-                raise
-            stats.hook_time_s += time.perf_counter() - t1
-            _forward(gfut.then(functools.partial(unpack_big, plan=plan, big_grads=big_grads, gathered=gathered)), done)
-
-        def unpack_big(f, *, plan, big_grads, gathered, stats=stats, flags=flags):
-            t1 = time.perf_counter()
-            f.value()
-            # segments back to model order: contiguous copies, then one gather per part (CPU index_copy_ of
-            # byte rows is ~30x slower than index_select)
-            for s in range(W):
-                a, b = plan.bounds[s], plan.bounds[s + 1]
-                if b > a:
-                    sc, pl = _wire_parts(gathered[s], b - a, plan.pb)
-                    plan.seg_scales[a:b].copy_(sc)
-                    plan.seg_payload[a:b].copy_(pl)
-            torch.index_select(plan.seg_scales, 0, plan.inv, out=plan.scales)
-            torch.index_select(plan.seg_payload, 0, plan.inv, out=plan.payload)
-            # the fp32 block scales tell whether any block (any rank's) was inf/nan
-            flags.append(~torch.isfinite(plan.scales.view(torch.float32)).all())
-            _q.dequantize_tensors(plan.wire, big_grads, plan_fmt, B)
-            stats.hook_time_s += time.perf_counter() - t1
-            return buf
-
-        plan_fmt = state.fmt
-        futs.append(done)
-        state._defer(stage_two)
-
-    state._flush(last=bucket.is_last())
-    return _finish_hook(state, bucket, t0, futs, buf)
+    futs.append(done)
+    state._defer(stage_two)
+    return futs
 
 
 def _finish_hook(state, bucket, t0, futs, buf):

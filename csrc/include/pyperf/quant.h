@@ -192,7 +192,9 @@ inline TensorsLayout check_tensors_layout(at::TensorList xs, const char* name, c
   return l;
 }
 
-// reduce_quantized_tensors_: the [W, wire_bytes] stack holds one wire of the padded layout of outs per rank.
+// reduce_quantized_tensors_: the [W, wire_bytes] stack holds one wire of the padded layout of outs per rank. Its
+// rows may be spaced further apart than wire_bytes (a column slice of a larger gather buffer whose rows carry more
+// after the wire), with rows 4-byte aligned.
 inline TensorsLayout check_tensors_wires(at::TensorList outs, c10::string_view fmt, int64_t block_size,
                                          const at::Tensor& wires) {
   wire_layout(0, fmt, block_size);
@@ -200,7 +202,19 @@ inline TensorsLayout check_tensors_wires(at::TensorList outs, c10::string_view f
   if (!outs.empty()) check_float_dtype(outs[0], "outs");
   TensorsLayout l;
   l.bstart = block_starts(outs, block_size);
-  l.w = check_wires(wires, l.bstart.back() * block_size, fmt, block_size);
+  const int64_t numel = l.bstart.back() * block_size;
+  l.w = wire_layout(numel, fmt, block_size);
+  TORCH_CHECK(wires.scalar_type() == at::kByte, "wires: expected uint8, got dtype ", wires.scalar_type());
+  TORCH_CHECK(wires.dim() == 2 && wires.size(1) == l.w.bytes, "wires: expected shape [W, wire_bytes(", numel,
+              ", fmt, ", block_size, ") = ", l.w.bytes, "] (one chunk per rank), got ", wires.sizes());
+  TORCH_CHECK(wires.size(0) <= 1 || (wires.stride(1) == 1 && wires.stride(0) >= l.w.bytes),
+              "wires: expected rows of contiguous bytes that do not overlap, got strides ", wires.strides());
+  TORCH_CHECK(wires.size(0) == 0 || wires.size(1) == 0 || wires.stride(1) == 1,
+              "wires: expected rows of contiguous bytes, got strides ", wires.strides());
+  TORCH_CHECK(wires.numel() == 0 || (reinterpret_cast<uintptr_t>(wires.data_ptr()) % 4 == 0 &&
+                                     (wires.size(0) <= 1 || wires.stride(0) % 4 == 0)),
+              "wires: expected 4-byte aligned rows (fp32 scales), got an unaligned slice or row stride ",
+              wires.size(0) > 1 ? wires.stride(0) : 0);
   return l;
 }
 
