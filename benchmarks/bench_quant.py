@@ -136,6 +136,70 @@ def _reduce_cases(device, dtype, n, tag):
     ]
 
 
+def _bucket_shapes(n):
+    """A DDP bucket of about n values: transformer-block-like matrices and vectors, most not a multiple of the
+    block size at the end, so the padded layout matters."""
+    d = 1
+    while 12 * d * d < n:
+        d *= 2
+    d = max(d // 2, 64)
+    shapes, total = [], 0
+    while total < n:
+        for s in ((d, 4 * d), (4 * d,), (4 * d, d), (d,), (3 * d, d), (3 * d,), (d, d), (d + 3,)):
+            shapes.append(s)
+            total += torch.Size(s).numel()
+    return shapes
+
+
+def _tensors_cases(device, dtype, n, tag):
+    """The DDP hook's per-bucket work: quantize a bucket's gradients (+EF, out of place) and, with 2 ranks, sum the
+    gathered wires back into them; fused (*_tensors ops) vs the pack / unpack composition it replaced."""
+    shapes = _bucket_shapes(n)
+    total = ops.pack_layout([torch.Size(s).numel() for s in shapes], BLOCK)[1]
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    wb = ops.wire_bytes(total, "int8", BLOCK)
+
+    def setup():
+        grads = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+        return {"grads": grads, "r": torch.zeros(total, device=device), "r2": torch.zeros(total, device=device),
+                "wire": torch.empty(wb, dtype=torch.uint8, device=device),
+                "P": torch.empty(total, device=device),
+                "wires": torch.stack([ops.quantize(torch.randn(total, device=device), "int8", BLOCK)
+                                      for _ in range(2)])}
+
+    def composed_q(inp):
+        P = ops.pack(inp["grads"], out_dtype=torch.float32, align=BLOCK, out=inp["P"])
+        return ops.quantize(P, "int8", BLOCK, residual=inp["r"], residual_out=inp["r2"], out=inp["wire"])
+
+    def eager_q(inp):
+        return R.quantize_tensors(inp["grads"], "int8", BLOCK, out=inp["wire"], residual=inp["r"],
+                                  residual_out=inp["r2"])
+
+    def composed_r(inp):
+        ops.unpack(ops.reduce_quantized(inp["wires"], total, "int8", BLOCK, scale=0.5), inp["grads"], align=BLOCK)
+
+    def eager_r(inp):
+        R.reduce_quantized_tensors(inp["wires"], inp["grads"], "int8", BLOCK, scale=0.5)
+
+    extra = {"tensors": len(shapes), "numel": numel, "fmt": "int8", "block_size": BLOCK}
+    return [
+        Case(group="quant", name="quantize_tensors int8 +EF bucket %s" % tag, setup=setup,
+             impls={"pyperf quantize_tensors": lambda inp: ops.quantize_tensors(
+                        inp["grads"], "int8", BLOCK, out=inp["wire"], residual=inp["r"], residual_out=inp["r2"]),
+                    "pyperf pack + quantize": composed_q,
+                    "torch eager": eager_q},
+             baseline="pyperf pack + quantize",
+             bytes=numel * _elt(dtype) + 8 * total + wb, extra=extra),
+        Case(group="quant", name="reduce_quantized_tensors int8 W=2 bucket %s" % tag, setup=setup,
+             impls={"pyperf reduce_quantized_tensors": lambda inp: ops.reduce_quantized_tensors(
+                        inp["wires"], inp["grads"], "int8", BLOCK, scale=0.5),
+                    "pyperf reduce + unpack": composed_r,
+                    "torch eager": eager_r},
+             baseline="pyperf reduce + unpack",
+             bytes=2 * wb + numel * _elt(dtype), extra=extra),
+    ]
+
+
 def cases(device, dtype=None, quick=False, sizes=None):
     dtype = dtype or torch.float32
     out = []
@@ -144,6 +208,7 @@ def cases(device, dtype=None, quick=False, sizes=None):
         out += _quantize_cases(device, dtype, n, tag)
         out.append(_dequantize_case(device, dtype, n, tag))
         out += _reduce_cases(device, dtype, n, tag)
+        out += _tensors_cases(device, dtype, n, tag)
     return out
 
 
