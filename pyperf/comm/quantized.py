@@ -302,15 +302,22 @@ from pyperf.comm.bucketer import Compressor, register_compressor  # noqa: E402
 class QuantizedCompressor(Compressor):
     """GradientBucketer's quantized wire: the two-shot all-reduce of each packed bucket, with error feedback kept per
     bucket (the bucketer's layout never changes, so bucket_index is a stable key). Parameters are packed at block
-    boundaries (align = block_size), so no quantization block straddles two parameters."""
+    boundaries (align = block_size), so no quantization block straddles two parameters.
+    algorithm: "two_shot", "all_gather" (every rank's whole wire to every rank, each sums all W in rank order) or
+    "auto" (all_gather for 2 ranks, where it sends the same bytes in one phase; see pyperf.hooks)."""
 
     prescale = True
 
-    def __init__(self, fmt="int8", block_size=256, error_feedback=True, stochastic_rounding=False, seed=0):
+    def __init__(self, fmt="int8", block_size=256, error_feedback=True, stochastic_rounding=False, seed=0,
+                 algorithm="auto"):
         check_format(fmt, block_size)
+        if algorithm not in ("auto", "two_shot", "all_gather"):
+            raise ValueError("algorithm: expected one of auto, two_shot, all_gather, got %r" % (algorithm,))
         self.name, self.fmt, self.block_size, self.align = fmt, fmt, block_size, block_size
         self.error_feedback, self.stochastic, self.seed = error_feedback, stochastic_rounding, seed
+        self.algorithm = algorithm
         self._state = {}     # bucket_index -> [residual, server_residual, calls]
+        self._ag_state = {}  # bucket_index -> [residual, wire, gathered, calls] (all-gather form)
         self._pending = None # the last launched bucket's _Deferred
 
     def wire_dtype(self, grad_dtype):
@@ -321,6 +328,8 @@ class QuantizedCompressor(Compressor):
             return _completed(flat)
         g = group if group is not None else dist.group.WORLD
         W, B, n = dist.get_world_size(g), self.block_size, flat.numel()
+        if W > 1 and n and (self.algorithm == "all_gather" or (self.algorithm == "auto" and W == 2)):
+            return self._all_gather_async(flat, g, W, bucket_index)
         st = self._state.get(bucket_index)
         if st is None:
             res = srv = None
@@ -340,6 +349,34 @@ class QuantizedCompressor(Compressor):
         if prev is not None:
             prev.finish()
         return handle
+
+
+    def _all_gather_async(self, flat, group, W, bucket_index):
+        """Quantize the bucket (+EF), all-gather every rank's wire, sum them in rank order into flat when it
+        completes (prescaled by 1/W: the sum is the mean). One collective, nothing deferred."""
+        B, n = self.block_size, flat.numel()
+        st = self._ag_state.get(bucket_index)
+        if st is None:
+            nbytes = _q.wire_bytes(n, self.fmt, B)
+            res = torch.zeros(n, dtype=torch.float32, device=flat.device) if self.error_feedback else None
+            st = self._ag_state[bucket_index] = [
+                res, torch.empty(nbytes, dtype=torch.uint8, device=flat.device),
+                torch.empty(W, nbytes, dtype=torch.uint8, device=flat.device), 0]
+        st[3] += 1
+        res, wire, gathered = st[0], st[1], st[2]
+        # stochastic rounding: an independent stream per rank and bucket, a fresh offset per call
+        _q.quantize(flat, self.fmt, B, stochastic=self.stochastic,
+                    seed=mix_seed(self.seed, bucket_index, dist.get_rank(group)), offset=st[3], residual=res,
+                    out=wire)
+        fut = _all_gather(gathered.view(-1), wire, group=group, async_op=True).get_future()
+        fmt = self.fmt
+
+        def reduce(f):
+            f.value()
+            _q.reduce_quantized_tensors(gathered, [flat], fmt, B)
+            return flat
+
+        return fut.then(reduce)
 
 
 class _Deferred:
