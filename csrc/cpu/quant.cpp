@@ -252,6 +252,33 @@ at::Tensor dequantize_cpu(const at::Tensor& wire, int64_t numel, c10::string_vie
 
 // ---- many tensors: quantize / dequantize the padded layout of pack(xs, align=block_size) in place of P ----
 
+// Each tensor's data and size, and a walk over blocks [b0, b1) that hands body(b, p, n) the block's first element
+// in its tensor and how many of its values are real (the rest is the layout's zero padding).
+template <typename T>
+struct TensorBlocks {
+  const TensorsLayout& l;
+  int64_t block_size;
+  std::vector<T*> ptrs;
+  std::vector<int64_t> numels;
+
+  TensorBlocks(const TensorsLayout& layout, at::TensorList ts, int64_t bs) : l(layout), block_size(bs) {
+    for (const auto& x : ts) {
+      ptrs.push_back(x.numel() ? static_cast<T*>(x.data_ptr()) : nullptr);
+      numels.push_back(x.numel());
+    }
+  }
+
+  template <typename Body>
+  PYPERF_CPU_INLINE void walk(int64_t b0, int64_t b1, const Body& body) const {
+    int64_t t = tensor_of_block(l.bstart, b0);
+    for (int64_t b = b0; b < b1; ++b) {
+      while (b >= l.bstart[t + 1]) ++t;
+      const int64_t local = (b - l.bstart[t]) * block_size;
+      body(b, ptrs[t] + local, std::min(block_size, numels[t] - local));
+    }
+  }
+};
+
 // Reading each block from its own tensor saves the pack pass (and its fp32 copy, 1.25x the gradient bytes
 // of traffic) that the DDP hook did before quantize; the arithmetic is exactly quantize_into's on that layout.
 void quantize_tensors_into_cpu(at::TensorList xs, c10::string_view fmt, int64_t block_size,
@@ -264,12 +291,7 @@ void quantize_tensors_into_cpu(at::TensorList xs, c10::string_view fmt, int64_t 
   uint8_t* wire = out.data_ptr<uint8_t>();
   const ResidualPtrs res = residual_ptrs(residual, residual_out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xs[0].scalar_type(), "quantize_tensors_cpu", [&] {
-    std::vector<const scalar_t*> ptrs;
-    std::vector<int64_t> numels;
-    for (const auto& x : xs) {
-      ptrs.push_back(x.numel() ? x.data_ptr<scalar_t>() : nullptr);
-      numels.push_back(x.numel());
-    }
+    const TensorBlocks<const scalar_t> blocks(l, xs, block_size);
     dispatch_format(w.fmt, [&](auto F_) {
       constexpr int F = decltype(F_)::value;
       const Decoder<F> dec;
@@ -277,12 +299,7 @@ void quantize_tensors_into_cpu(at::TensorList xs, c10::string_view fmt, int64_t 
         constexpr bool EF = decltype(EF_)::value;
         parallel_blocks(w.nblocks, block_size, [&](int64_t b0, int64_t b1) PYPERF_CPU_LAMBDA {
           float v[kMaxBlock];
-          int64_t t = tensor_of_block(l.bstart, b0);
-          for (int64_t b = b0; b < b1; ++b) {
-            while (b >= l.bstart[t + 1]) ++t;
-            const int64_t local = (b - l.bstart[t]) * block_size;
-            const int64_t n = std::min(block_size, numels[t] - local);
-            const scalar_t* xp = ptrs[t] + local;
+          blocks.walk(b0, b1, [&](int64_t b, const scalar_t* xp, int64_t n) PYPERF_CPU_LAMBDA {
             const int64_t first = b * block_size;
             const float* vb = v;
             if constexpr (std::is_same_v<scalar_t, float> && !EF) {
@@ -304,7 +321,7 @@ void quantize_tensors_into_cpu(at::TensorList xs, c10::string_view fmt, int64_t 
             quantize_staged_block<F, false, EF>(vb, block_size, block_size, first, 0, 0, wire + 4 * b,
                                                 wire + w.payload_offset + b * payload_bytes_per_block(w.fmt, block_size),
                                                 EF ? res.out + first : nullptr, dec);
-          }
+          });
         });
       });
     });
@@ -320,22 +337,13 @@ void dequantize_tensors_cpu(const at::Tensor& wire, c10::string_view fmt, int64_
   const uint8_t* wp = wire.data_ptr<uint8_t>();
   const float uscale = static_cast<float>(scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, outs[0].scalar_type(), "dequantize_tensors_cpu", [&] {
-    std::vector<scalar_t*> ptrs;
-    std::vector<int64_t> numels;
-    for (const auto& o : outs) {
-      ptrs.push_back(o.numel() ? o.data_ptr<scalar_t>() : nullptr);
-      numels.push_back(o.numel());
-    }
+    const TensorBlocks<scalar_t> blocks(l, outs, block_size);
     dispatch_format(w.fmt, [&](auto F_) {
       constexpr int F = decltype(F_)::value;
       const Decoder<F> dec;
       parallel_blocks(w.nblocks, block_size, [&](int64_t b0, int64_t b1) PYPERF_CPU_LAMBDA {
         float tmp[kMaxBlock];
-        int64_t t = tensor_of_block(l.bstart, b0);
-        for (int64_t b = b0; b < b1; ++b) {
-          while (b >= l.bstart[t + 1]) ++t;
-          const int64_t local = (b - l.bstart[t]) * block_size;
-          const int64_t n = std::min(block_size, numels[t] - local);
+        blocks.walk(b0, b1, [&](int64_t b, scalar_t* o, int64_t n) PYPERF_CPU_LAMBDA {
           float s;
           std::memcpy(&s, wp + 4 * b, sizeof(float));
           decode_block<F>(wp + w.payload_offset + b * payload_bytes_per_block(w.fmt, block_size), block_size, s, dec,
@@ -343,9 +351,8 @@ void dequantize_tensors_cpu(const at::Tensor& wire, c10::string_view fmt, int64_
           if (uscale != 1.0f) {
             for (int64_t i = 0; i < n; ++i) tmp[i] = mul_rn(tmp[i], uscale);
           }
-          scalar_t* o = ptrs[t] + local;
           for (int64_t i = 0; i < n; ++i) o[i] = static_cast<scalar_t>(tmp[i]);
-        }
+        });
       });
     });
   });
@@ -421,26 +428,16 @@ void reduce_quantized_tensors_cpu(const at::Tensor& wires, c10::string_view fmt,
   const float uscale = static_cast<float>(scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, outs[0].scalar_type(), "reduce_quantized_tensors_cpu",
                                   [&] {
-    std::vector<scalar_t*> ptrs;
-    std::vector<int64_t> numels;
-    for (const auto& o : outs) {
-      ptrs.push_back(o.numel() ? o.data_ptr<scalar_t>() : nullptr);
-      numels.push_back(o.numel());
-    }
+    const TensorBlocks<scalar_t> blocks(l, outs, block_size);
     dispatch_format(w.fmt, [&](auto F_) {
       constexpr int F = decltype(F_)::value;
       const Decoder<F> dec;
       parallel_blocks(w.nblocks, block_size, [&](int64_t b0, int64_t b1) PYPERF_CPU_LAMBDA {
         float v[kMaxBlock];
-        int64_t t = tensor_of_block(l.bstart, b0);
-        for (int64_t b = b0; b < b1; ++b) {
-          while (b >= l.bstart[t + 1]) ++t;
-          const int64_t local = (b - l.bstart[t]) * block_size;
-          const int64_t n = std::min(block_size, numels[t] - local);
+        blocks.walk(b0, b1, [&](int64_t b, scalar_t* o, int64_t n) PYPERF_CPU_LAMBDA {
           stage_sum<F>(wp, W, row_stride, w, b, n, uscale, dec, v);
-          scalar_t* o = ptrs[t] + local;
           for (int64_t i = 0; i < n; ++i) o[i] = static_cast<scalar_t>(v[i]);
-        }
+        });
       });
     });
   });
