@@ -7,7 +7,8 @@ hooks read) holding transformer-shaped gradients. Reported per impl:
   gloo_ms_per_bucket  median wall time of hook(state, bucket).wait(), slowest rank, after warm-up
   bytes_per_rank      bytes this rank sends; vs_fp32_ring: that over a fp32 ring all-reduce's 2 (W-1)/W * 4n
 The in-process timing of each impl (what the harness times with `impls`) is the hook's local work on one rank,
-no network: the fused casts, pack/quantize/reduce/dequantize kernels, torch's casts and quantizers.
+no network: the fused casts, the quantize/reduce kernels (straight from and into the bucket), torch's casts and
+quantizers.
 
     python3 -m pyperf.bench hooks            # or: python3 benchmarks/bench_hooks.py [--quick]
 
@@ -208,6 +209,7 @@ class _Work:
         self.total = ops.pack_layout([g.numel() for g in bucket.grads], align=B)[1]
         self.P = ops.pack(bucket.grads, out_dtype=torch.float32, align=B)
         self.res = torch.zeros(self.total)
+        self.res_next = torch.zeros(self.total)       # the hook double-buffers its residuals (residual_out)
         self.C = chunk_numel(self.total, W, B)
         self.srv = torch.zeros(self.C)
         self.wire = {f: ops.quantize(self.P, f, B) for f in self.FMTS}
@@ -217,6 +219,8 @@ class _Work:
         for f in self.FMTS:
             wb = ops.wire_bytes(self.C, f, B)
             self.recv[f] = ops.quantize(self.P[:self.C], f, B)[:wb].repeat(W, 1)
+        # what the all-gather form's all-gather delivers (2 ranks): every rank's whole wire
+        self.gathered = {f: w.repeat(W, 1) for f, w in self.wire.items()}
 
 
 def _local_impls(W):
@@ -227,15 +231,17 @@ def _local_impls(W):
     from pyperf import ops
 
     def quant(fmt):
+        # the bucket's gradients -> wire, + client error feedback written to the other residual buffer
         def fn(inp):
             _, grads, w = inp
-            ops.pack(grads, out_dtype=torch.float32, align=w.B, out=w.P)               # bucket -> padded fp32
-            ops.quantize(w.P, fmt, w.B, residual=w.res, out=w.wire[fmt])              # + client error feedback
+            ops.quantize_tensors(grads, fmt, w.B, residual=w.res, residual_out=w.res_next, out=w.wire[fmt])
+            if W == 2:        # all-gather form: every rank's wire summed straight into the bucket
+                ops.reduce_quantized_tensors(w.gathered[fmt], w.out_grads, fmt, w.B, scale=1.0 / W)
+                return w.out
             w.send[fmt].copy_(w.wire[fmt])                                            # blocks to per-owner segments
             red = ops.reduce_quantized(w.recv[fmt], w.C, fmt, w.B, scale=1.0 / W, requantize=True,
                                        residual=w.srv)                                # + server error feedback
-            ops.dequantize(w.wire[fmt], w.total, fmt, w.B, out=w.P)                   # the gathered wires -> fp32
-            ops.unpack(w.P, w.out_grads, align=w.B)                                   # -> the bucket
+            ops.dequantize_tensors(w.wire[fmt], w.out_grads, fmt, w.B)                # the gathered wires -> bucket
             return red
         return fn
 
