@@ -3,7 +3,7 @@
 activation checkpointing, on text that ships with Python itself (the standard library's .py files, byte tokens).
 
     python examples/train_gpt_ddp.py                       # CPU, Gloo, 2 ranks it spawns itself
-    python examples/train_gpt_ddp.py --hook int8           # int8 + error feedback two-shot all-reduce
+    python examples/train_gpt_ddp.py --hook int8           # int8 + error feedback quantized all-reduce
     python examples/train_gpt_ddp.py --compare             # every hook, same seeds: loss / bytes / step time
     python examples/train_gpt_ddp.py --steps 40 --save ck.pt && python examples/train_gpt_ddp.py --resume ck.pt
     torchrun --nproc-per-node 8 examples/train_gpt_ddp.py --hook int8   # GPUs, NCCL
