@@ -31,30 +31,12 @@ using BdrBwdSig = Grads(const at::Tensor&, double, c10::SymInt, c10::SymInt, boo
 using GatedSig = at::Tensor(const at::Tensor&, const Opt&, c10::string_view);
 using GatedBwdSig = Grads(const at::Tensor&, const at::Tensor&, const Opt&, c10::string_view);
 
-const c10::TypedOperatorHandle<GeluSig>& gelu_op() {
-  static const auto op = autograd::typed_op<GeluSig>("pyperf::bias_gelu");
-  return op;
-}
-const c10::TypedOperatorHandle<GeluBwdSig>& gelu_bwd_op() {
-  static const auto op = autograd::typed_op<GeluBwdSig>("pyperf::bias_gelu_backward");
-  return op;
-}
-const c10::TypedOperatorHandle<BdrSig>& bdr_op() {
-  static const auto op = autograd::typed_op<BdrSig>("pyperf::bias_dropout_residual");
-  return op;
-}
-const c10::TypedOperatorHandle<BdrBwdSig>& bdr_bwd_op() {
-  static const auto op = autograd::typed_op<BdrBwdSig>("pyperf::bias_dropout_residual_backward");
-  return op;
-}
-const c10::TypedOperatorHandle<GatedSig>& gated_op() {
-  static const auto op = autograd::typed_op<GatedSig>("pyperf::gated_act");
-  return op;
-}
-const c10::TypedOperatorHandle<GatedBwdSig>& gated_bwd_op() {
-  static const auto op = autograd::typed_op<GatedBwdSig>("pyperf::gated_act_backward");
-  return op;
-}
+PYPERF_TYPED_OP(gelu_op, GeluSig, "pyperf::bias_gelu")
+PYPERF_TYPED_OP(gelu_bwd_op, GeluBwdSig, "pyperf::bias_gelu_backward")
+PYPERF_TYPED_OP(bdr_op, BdrSig, "pyperf::bias_dropout_residual")
+PYPERF_TYPED_OP(bdr_bwd_op, BdrBwdSig, "pyperf::bias_dropout_residual_backward")
+PYPERF_TYPED_OP(gated_op, GatedSig, "pyperf::gated_act")
+PYPERF_TYPED_OP(gated_bwd_op, GatedBwdSig, "pyperf::gated_act_backward")
 
 // In bias_gelu and bias_dropout_residual the bias, when given, is the second tensor input: graph edge 1
 // (needs_input_grad counts the tensors passed, not the argument positions).
@@ -70,11 +52,7 @@ struct BiasGeluBackward : torch::autograd::Function<BiasGeluBackward> {
   static constexpr bool is_traceable = true;  // compiled autograd traces backward (see autograd.h)
 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const Opt& bias, c10::string_view approximate) {
-    at::Tensor y;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      y = gelu_op().call(x, bias, approximate);
-    }
+    at::Tensor y = autograd::call_below(gelu_op(), x, bias, approximate);
     ctx->save_for_backward({x, or_undefined(bias)});
     ctx->saved_data["approximate"] = std::string(approximate);
     return y;
@@ -97,11 +75,7 @@ struct BiasDropoutResidualBackward : torch::autograd::Function<BiasDropoutResidu
 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const Opt& bias, const at::Tensor& residual,
                             double p, c10::SymInt seed, c10::SymInt offset) {
-    at::Tensor y;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      y = bdr_op().call(x, bias, residual, p, seed, offset);
-    }
+    at::Tensor y = autograd::call_below(bdr_op(), x, bias, residual, p, seed, offset);
     // No tensor is saved: the mask comes back from Philox(seed, offset).
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["p"] = p;
@@ -124,11 +98,7 @@ struct GatedActBackward : torch::autograd::Function<GatedActBackward> {
   static constexpr bool is_traceable = true;  // compiled autograd traces backward (see autograd.h)
 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const Opt& b, c10::string_view activation) {
-    at::Tensor y;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      y = gated_op().call(a, b, activation);
-    }
+    at::Tensor y = autograd::call_below(gated_op(), a, b, activation);
     ctx->save_for_backward({a, or_undefined(b)});
     ctx->saved_data["activation"] = std::string(activation);
     return y;
@@ -149,8 +119,7 @@ namespace {
 
 at::Tensor bias_gelu_autograd(const at::Tensor& x, const Opt& bias, c10::string_view approximate) {
   if (!autograd::any_requires_grad(x, bias)) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    return gelu_op().call(x, bias, approximate);
+    return autograd::call_below(gelu_op(), x, bias, approximate);
   }
   return autograd::BiasGeluBackward::apply(x, bias, approximate);
 }
@@ -158,16 +127,14 @@ at::Tensor bias_gelu_autograd(const at::Tensor& x, const Opt& bias, c10::string_
 at::Tensor bias_dropout_residual_autograd(const at::Tensor& x, const Opt& bias, const at::Tensor& residual, double p,
                                           c10::SymInt seed, c10::SymInt offset) {
   if (!autograd::any_requires_grad(x, bias, residual)) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    return bdr_op().call(x, bias, residual, p, std::move(seed), std::move(offset));
+    return autograd::call_below(bdr_op(), x, bias, residual, p, std::move(seed), std::move(offset));
   }
   return autograd::BiasDropoutResidualBackward::apply(x, bias, residual, p, std::move(seed), std::move(offset));
 }
 
 at::Tensor gated_act_autograd(const at::Tensor& a, const Opt& b, c10::string_view activation) {
   if (!autograd::any_requires_grad(a, b)) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    return gated_op().call(a, b, activation);
+    return autograd::call_below(gated_op(), a, b, activation);
   }
   return autograd::GatedActBackward::apply(a, b, activation);
 }

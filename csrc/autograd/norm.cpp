@@ -30,22 +30,10 @@ using LnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor
                                                                 const Opt&, const Opt&, const Opt&, const at::Tensor&,
                                                                 bool);
 
-const c10::TypedOperatorHandle<RmsSig>& rms_op() {
-  static const auto op = autograd::typed_op<RmsSig>("pyperf::add_rms_norm");
-  return op;
-}
-const c10::TypedOperatorHandle<LnSig>& ln_op() {
-  static const auto op = autograd::typed_op<LnSig>("pyperf::add_layer_norm");
-  return op;
-}
-const c10::TypedOperatorHandle<RmsBwdSig>& rms_bwd_op() {
-  static const auto op = autograd::typed_op<RmsBwdSig>("pyperf::add_rms_norm_backward");
-  return op;
-}
-const c10::TypedOperatorHandle<LnBwdSig>& ln_bwd_op() {
-  static const auto op = autograd::typed_op<LnBwdSig>("pyperf::add_layer_norm_backward");
-  return op;
-}
+PYPERF_TYPED_OP(rms_op, RmsSig, "pyperf::add_rms_norm")
+PYPERF_TYPED_OP(ln_op, LnSig, "pyperf::add_layer_norm")
+PYPERF_TYPED_OP(rms_bwd_op, RmsBwdSig, "pyperf::add_rms_norm_backward")
+PYPERF_TYPED_OP(ln_bwd_op, LnBwdSig, "pyperf::add_layer_norm_backward")
 
 // What backward keeps of the forward: y with save_output, else h (x itself when there is no residual).
 at::Tensor saved_stream(const at::Tensor& x, bool has_residual, const at::Tensor& y, const at::Tensor& h,
@@ -79,11 +67,7 @@ struct AddRmsNormBackward : torch::autograd::Function<AddRmsNormBackward> {
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const Opt& residual, const Opt& weight,
                                double eps, bool save_output) {
-    at::Tensor y, h, rstd;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(y, h, rstd) = rms_op().call(x, residual, weight, eps, save_output);
-    }
+    auto [y, h, rstd] = autograd::call_below(rms_op(), x, residual, weight, eps, save_output);
     const bool has_residual = residual.has_value() && residual->defined();
     remember_flags(ctx, has_residual, save_output);
     ctx->save_for_backward({saved_stream(x, has_residual, y, h, save_output), or_undefined(weight), rstd});
@@ -106,11 +90,7 @@ struct AddLayerNormBackward : torch::autograd::Function<AddLayerNormBackward> {
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const Opt& residual, const Opt& weight,
                                const Opt& bias, double eps, bool save_output) {
-    at::Tensor y, h, mean, rstd;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(y, h, mean, rstd) = ln_op().call(x, residual, weight, bias, eps, save_output);
-    }
+    auto [y, h, mean, rstd] = autograd::call_below(ln_op(), x, residual, weight, bias, eps, save_output);
     const bool has_residual = residual.has_value() && residual->defined();
     remember_flags(ctx, has_residual, save_output);
     // With save_output the mean is not needed: xhat comes from y.
@@ -140,8 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_autograd(const at::T
                                                                      const Opt& weight, double eps,
                                                                      bool save_output) {
   if (!autograd::any_requires_grad(x, residual, weight)) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    return rms_op().call(x, residual, weight, eps, save_output);
+    return autograd::call_below(rms_op(), x, residual, weight, eps, save_output);
   }
   variable_list out = autograd::AddRmsNormBackward::apply(x, residual, weight, eps, save_output);
   return {out[0], out[1], out[2]};
@@ -152,8 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_autogr
                                                                                    const Opt& weight, const Opt& bias,
                                                                                    double eps, bool save_output) {
   if (!autograd::any_requires_grad(x, residual, weight, bias)) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    return ln_op().call(x, residual, weight, bias, eps, save_output);
+    return autograd::call_below(ln_op(), x, residual, weight, bias, eps, save_output);
   }
   variable_list out = autograd::AddLayerNormBackward::apply(x, residual, weight, bias, eps, save_output);
   return {out[0], out[1], out[2], out[3]};

@@ -9,6 +9,7 @@
 #include <c10/core/GradMode.h>
 
 #include <optional>
+#include <utility>
 
 namespace pyperf {
 namespace autograd {
@@ -22,6 +23,20 @@ namespace autograd {
 template <class Sig>
 c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// PYPERF_TYPED_OP(fn, Sig, "pyperf::op") defines fn(): the op's handle, looked up on first use.
+#define PYPERF_TYPED_OP(fn, Sig, name)                              \
+  const c10::TypedOperatorHandle<Sig>& fn() {                       \
+    static const auto op = ::pyperf::autograd::typed_op<Sig>(name); \
+    return op;                                                      \
+  }
+
+// The op's backend kernel, below autograd: the Functions' forwards, and calls that need no graph node.
+template <class Sig, class... Args>
+auto call_below(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(std::forward<Args>(args)...);
 }
 
 inline bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }

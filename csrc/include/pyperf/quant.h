@@ -129,14 +129,25 @@ inline WireLayout check_dequantize_args(const at::Tensor& wire, int64_t numel, c
 }
 
 // The [W, wire_bytes] uint8 stack of chunks that the reduce step reads (one chunk per rank).
-inline WireLayout check_wires(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size) {
+inline WireLayout check_wires(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size,
+                              bool spaced_rows = false) {
   const WireLayout w = wire_layout(numel, fmt, block_size);
   TORCH_CHECK(wires.scalar_type() == at::kByte, "wires: expected uint8, got dtype ", wires.scalar_type());
   TORCH_CHECK(wires.dim() == 2 && wires.size(1) == w.bytes, "wires: expected shape [W, wire_bytes(", numel,
               ", fmt, ", block_size, ") = ", w.bytes, "] (one chunk per rank), got ", wires.sizes());
-  check_contiguous(wires, "wires");
-  TORCH_CHECK(wires.numel() == 0 || reinterpret_cast<uintptr_t>(wires.data_ptr()) % 4 == 0,
-              "wires: expected a 4-byte aligned buffer (fp32 scales), got an unaligned slice");
+  if (!spaced_rows) {
+    check_contiguous(wires, "wires");
+    TORCH_CHECK(wires.numel() == 0 || reinterpret_cast<uintptr_t>(wires.data_ptr()) % 4 == 0,
+                "wires: expected a 4-byte aligned buffer (fp32 scales), got an unaligned slice");
+    return w;
+  }
+  // rows may lie further apart than wire_bytes (a column slice of a larger buffer), each 4-byte aligned
+  TORCH_CHECK(wires.numel() == 0 || (wires.stride(1) == 1 && (wires.size(0) <= 1 || wires.stride(0) >= w.bytes)),
+              "wires: expected rows of contiguous bytes that do not overlap, got strides ", wires.strides());
+  TORCH_CHECK(wires.numel() == 0 || (reinterpret_cast<uintptr_t>(wires.data_ptr()) % 4 == 0 &&
+                                     (wires.size(0) <= 1 || wires.stride(0) % 4 == 0)),
+              "wires: expected 4-byte aligned rows (fp32 scales), got an unaligned slice or row stride ",
+              wires.size(0) > 1 ? wires.stride(0) : 0);
   return w;
 }
 
@@ -202,19 +213,7 @@ inline TensorsLayout check_tensors_wires(at::TensorList outs, c10::string_view f
   if (!outs.empty()) check_float_dtype(outs[0], "outs");
   TensorsLayout l;
   l.bstart = block_starts(outs, block_size);
-  const int64_t numel = l.bstart.back() * block_size;
-  l.w = wire_layout(numel, fmt, block_size);
-  TORCH_CHECK(wires.scalar_type() == at::kByte, "wires: expected uint8, got dtype ", wires.scalar_type());
-  TORCH_CHECK(wires.dim() == 2 && wires.size(1) == l.w.bytes, "wires: expected shape [W, wire_bytes(", numel,
-              ", fmt, ", block_size, ") = ", l.w.bytes, "] (one chunk per rank), got ", wires.sizes());
-  TORCH_CHECK(wires.size(0) <= 1 || (wires.stride(1) == 1 && wires.stride(0) >= l.w.bytes),
-              "wires: expected rows of contiguous bytes that do not overlap, got strides ", wires.strides());
-  TORCH_CHECK(wires.size(0) == 0 || wires.size(1) == 0 || wires.stride(1) == 1,
-              "wires: expected rows of contiguous bytes, got strides ", wires.strides());
-  TORCH_CHECK(wires.numel() == 0 || (reinterpret_cast<uintptr_t>(wires.data_ptr()) % 4 == 0 &&
-                                     (wires.size(0) <= 1 || wires.stride(0) % 4 == 0)),
-              "wires: expected 4-byte aligned rows (fp32 scales), got an unaligned slice or row stride ",
-              wires.size(0) > 1 ? wires.stride(0) : 0);
+  l.w = check_wires(wires, l.bstart.back() * block_size, fmt, block_size, /*spaced_rows=*/true);
   return l;
 }
 
