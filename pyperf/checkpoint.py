@@ -14,6 +14,7 @@ selective-checkpoint contexts, which see every op registered through TORCH_LIBRA
 """
 import contextlib
 import functools
+import inspect
 import re
 import statistics
 import time
@@ -53,6 +54,12 @@ def _resolve_aten(names):
 
 
 SAVE_OPS = _resolve_aten(_SAVE_OP_NAMES)
+
+# torch 2.12 added checkpoint(..., respect_saved_tensors_hooks=True): the outputs a selective policy keeps then go
+# through the caller's saved_tensors_hooks (save_on_cpu, SavedTensorMeter). Older torch keeps them outside the
+# autograd graph, where no hook sees them: selective checkpointing still computes the same values and gradients,
+# but save_on_cpu cannot offload what the policy keeps, and measure_block counts those bytes itself.
+SAC_RESPECTS_SAVED_TENSORS_HOOKS = "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
 
 PolicyLike = Union[str, Callable[..., Any], Sequence[torch._ops.OpOverload]]
 
@@ -149,11 +156,18 @@ class CheckpointedBlock(nn.Module):
             return self.module(*args, **kwargs)
         extra = {}
         if self._policy_fn is not None:
-            # respect_saved_tensors_hooks: what the policy keeps goes through the caller's saved_tensors_hooks
-            # (save_on_cpu, SavedTensorMeter) like any other saved tensor
-            extra = dict(context_fn=self._context_fn, respect_saved_tensors_hooks=True)
-        return checkpoint(self.module, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state,
-                          **extra, **kwargs)
+            extra = dict(context_fn=self._context_fn)
+            if SAC_RESPECTS_SAVED_TENSORS_HOOKS:
+                # what the policy keeps goes through the caller's saved_tensors_hooks (save_on_cpu,
+                # SavedTensorMeter) like any other saved tensor
+                extra["respect_saved_tensors_hooks"] = True
+        try:
+            with _count_kept_outputs(self._policy_fn):
+                return checkpoint(self.module, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state,
+                                  **extra, **kwargs)
+        except BaseException as e:
+            _close_failed_checkpoint(e.__traceback__)
+            raise
 
     def __getattr__(self, name):
         # block.attn keeps working after wrapping: fall through to the wrapped module
@@ -215,14 +229,64 @@ class SavedTensorMeter:
 
     def __enter__(self):
         self._hooks.__enter__()
+        _ACTIVE_METERS.append(self)
         return self
 
     def __exit__(self, *exc):
+        _ACTIVE_METERS.remove(self)
         return self._hooks.__exit__(*exc)
 
 
 def _unpack(t):
     return t
+
+
+def _close_failed_checkpoint(tb):
+    """When the checkpointed function raises, torch 2.11's checkpoint() leaves its context generator suspended: its
+    saved-tensors hooks and, for selective policies, its dispatch mode stay active for as long as the exception's
+    traceback keeps that frame alive (a caller that keeps the exception, pytest's report of a failed test), and every
+    later op runs under them. Closing the generator runs its exits now, in order. Newer torch closes it itself."""
+    checkpoint_file = inspect.getsourcefile(torch.utils.checkpoint)
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_filename == checkpoint_file:
+            for value in list(frame.f_locals.values()):
+                if inspect.isgenerator(value) and inspect.getgeneratorstate(value) == inspect.GEN_SUSPENDED:
+                    value.close()
+        tb = tb.tb_next
+
+
+# The SavedTensorMeters entered and not yet exited, innermost last.
+_ACTIVE_METERS: List[SavedTensorMeter] = []
+
+
+class _KeptOutputCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Shows `meter` the outputs that `policy_fn` keeps, on torch without respect_saved_tensors_hooks (whose
+    selective checkpointing keeps them where no saved_tensors_hooks see them), so that the meter still counts what a
+    selective CheckpointedBlock really keeps."""
+
+    def __init__(self, meter, policy_fn):
+        super().__init__()
+        self.meter = meter
+        self.policy_fn = policy_fn
+        self.ctx = torch.utils.checkpoint.SelectiveCheckpointContext(is_recompute=False)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.policy_fn(self.ctx, func, *args, **kwargs) in (CheckpointPolicy.MUST_SAVE,
+                                                                CheckpointPolicy.PREFER_SAVE):
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.meter._pack(t)
+        return out
+
+
+def _count_kept_outputs(policy_fn):
+    if (SAC_RESPECTS_SAVED_TENSORS_HOOKS or policy_fn is None or not _ACTIVE_METERS
+            or torch.compiler.is_compiling()):
+        return contextlib.nullcontext()
+    return _KeptOutputCounter(_ACTIVE_METERS[-1], policy_fn)
 
 
 def _storage_key(t):

@@ -32,3 +32,40 @@ def pytest_collection_modifyitems(config, items):
         on_cuda = "cuda" in item.keywords or (params is not None and "cuda" in str(params.params.get("device", "")))
         if on_cuda and not HAS_CUDA:
             item.add_marker(skip_cuda)
+
+
+def _global_state():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    return dict(dispatch_modes=list(_get_current_dispatch_mode_stack()),
+                saved_tensors_hooks=torch._C._autograd._top_saved_tensors_default_hooks(False),
+                grad_enabled=torch.is_grad_enabled(),
+                default_dtype=torch.get_default_dtype(),
+                deterministic=torch.are_deterministic_algorithms_enabled(),
+                process_group=torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_global_state():
+    """Each test leaves torch's global state as it found it, even when it fails: a dispatch mode or saved-tensors
+    hook left active (torch 2.11's checkpoint did that when the checkpointed function raised), grad mode, the default
+    dtype or a process group would change what every later test computes. A leak is undone and reported as an
+    error of the test that caused it."""
+    before = _global_state()
+    yield
+    after = _global_state()
+    if after == before:
+        return
+    leaked = sorted(k for k in before if before[k] != after[k])
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, _pop_mode
+    while len(_get_current_dispatch_mode_stack()) > len(before["dispatch_modes"]):
+        _pop_mode()
+    for _ in range(64):
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) == before["saved_tensors_hooks"]:
+            break
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    torch.set_grad_enabled(before["grad_enabled"])
+    torch.set_default_dtype(before["default_dtype"])
+    torch.use_deterministic_algorithms(before["deterministic"])
+    if after["process_group"] and not before["process_group"]:
+        torch.distributed.destroy_process_group()
+    pytest.fail("the test left global state changed: %s (undone)" % ", ".join(leaked))

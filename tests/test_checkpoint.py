@@ -291,6 +291,29 @@ def test_bad_input():
         bad(torch.randn(2, 4, requires_grad=True))
 
 
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_a_raising_block_leaves_no_checkpoint_state_behind(policy):
+    """The exception is kept alive (as a caller or pytest's report would keep it): torch 2.11's checkpoint then kept
+    its saved-tensors hooks and selective-checkpoint dispatch mode active, and every later op ran under them."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    class Raises(nn.Module):
+        def forward(self, x, fail=False):
+            if fail:
+                raise ValueError("from the block")
+            return x.sin()
+
+    block = CheckpointedBlock(Raises(), policy)
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match="from the block") as kept:
+        block(x, fail=True)
+    assert kept.value is not None
+    assert _get_current_dispatch_mode_stack() == []
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    block(x).sum().backward()                      # and the block still works
+    torch.testing.assert_close(x.grad, x.detach().cos())
+
+
 def test_block_selection_state_dict_and_rewrap():
     from pyperf.models.gpt import Block, Attention
     model = _model()
