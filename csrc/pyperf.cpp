@@ -1,13 +1,15 @@
 // The one TORCH_LIBRARY(pyperf, m) block: every op schema lives here. Kernels register in
 // csrc/cpu/X.cpp (TORCH_LIBRARY_IMPL(pyperf, CPU, m)) and csrc/cuda/X.cu (TORCH_LIBRARY_IMPL(pyperf, CUDA, m));
 // autograd in csrc/autograd/X.cpp (TORCH_LIBRARY_IMPL(pyperf, Autograd, m)); fakes in pyperf/ops.py. Keep the
-// sections per feature, in the order of the files.
+// sections per feature, in the order of the files. The SIMT emulation's test-only extension (csrc/emu) compiles
+// this file with PYPERF_CUDA_EMU: the same schemas as torch.ops.pyperf_emu, in module pyperf._C_emu.
 #include <Python.h>
-#include <torch/library.h>
+
+#include "pyperf/library.h"
 
 #include "pyperf_build_config.h"
 
-TORCH_LIBRARY(pyperf, m) {
+PYPERF_LIBRARY(m) {
   // ---- pack: fused bucket packing (csrc/cpu/pack.cpp, csrc/cuda/pack.cu) ----
   // Many same-dtype contiguous tensors <-> one flat 1-D buffer in one pass, with `scale` and the dtype cast
   // fused into the copy. Tensor i starts at a multiple of `align` elements; padding (and the tail up to
@@ -94,9 +96,17 @@ TORCH_LIBRARY(pyperf, m) {
 // A Python module so `import pyperf._C` loads this library (and so registers the ops). It carries no
 // functions of its own: every op goes through torch.ops.pyperf, which is what torch.compile and the
 // selective-checkpoint policies can see.
-static struct PyModuleDef pyperf_module = {PyModuleDef_HEAD_INIT, "_C", "pyperf's compiled ops", -1, nullptr};
+#if defined(PYPERF_CUDA_EMU)
+#define PYPERF_MODULE_NAME "_C_emu"
+#define PYPERF_MODULE_INIT PyInit__C_emu
+#else
+#define PYPERF_MODULE_NAME "_C"
+#define PYPERF_MODULE_INIT PyInit__C
+#endif
+static struct PyModuleDef pyperf_module = {PyModuleDef_HEAD_INIT, PYPERF_MODULE_NAME, "pyperf's compiled ops", -1,
+                                           nullptr};
 
-PyMODINIT_FUNC PyInit__C(void) {
+PyMODINIT_FUNC PYPERF_MODULE_INIT(void) {
   PyObject* m = PyModule_Create(&pyperf_module);
   if (m == nullptr) return nullptr;
   PyModule_AddStringConstant(m, "VERSION", PYPERF_VERSION_STR);

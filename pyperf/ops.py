@@ -10,6 +10,17 @@ import torch
 
 _lib = torch.ops.pyperf
 
+# op name -> its fake (meta) kernel, kept so the test-only emulated copy of the ops (torch.ops.pyperf_emu, see
+# csrc/emu) can register the same ones.
+FAKES = {}
+
+
+def _fake(name):
+    def register(fn):
+        FAKES[name] = fn
+        return torch.library.register_fake("pyperf::" + name)(fn)
+    return register
+
 # ---- pack ----------------------------------------------------------------------------------------------------
 # Many tensors <-> one flat buffer in one launch, with the scale and dtype cast fused into the copy (csrc/cpu/pack.cpp,
 # csrc/cuda/pack.cu); multi_tensor_l2norm: fused squared L2 norm of a list plus a non-finite flag.
@@ -71,24 +82,24 @@ def multi_tensor_l2norm(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, 
     return _lib.multi_tensor_l2norm(tensors)
 
 
-@torch.library.register_fake("pyperf::pack")
+@_fake("pack")
 def _pack_fake(tensors, scale=1.0, out_dtype=None, align=1):
     _, total = pack_layout([t.numel() for t in tensors], align)
     dtype = out_dtype if out_dtype is not None else tensors[0].dtype
     return tensors[0].new_empty((total,), dtype=dtype)
 
 
-@torch.library.register_fake("pyperf::pack_out")
+@_fake("pack_out")
 def _pack_out_fake(tensors, scale, align, out):
     return None
 
 
-@torch.library.register_fake("pyperf::unpack")
+@_fake("unpack")
 def _unpack_fake(flat, tensors, scale=1.0, align=1, accumulate=False):
     return None
 
 
-@torch.library.register_fake("pyperf::multi_tensor_l2norm")
+@_fake("multi_tensor_l2norm")
 def _multi_tensor_l2norm_fake(tensors):
     t = tensors[0]
     return t.new_empty((), dtype=torch.float32), t.new_empty((), dtype=torch.bool)
@@ -216,61 +227,61 @@ def reduce_quantized_tensors(wires: torch.Tensor, outs: Sequence[torch.Tensor], 
     _lib.reduce_quantized_tensors_(wires, fmt, block_size, float(scale), list(outs))
 
 
-@torch.library.register_fake("pyperf::quantize")
+@_fake("quantize")
 def _quantize_fake(x, fmt, block_size, stochastic, seed, offset, residual, residual_out=None):
     return x.new_empty((wire_bytes(x.numel(), fmt, block_size),), dtype=torch.uint8)
 
 
-@torch.library.register_fake("pyperf::quantize_into")
+@_fake("quantize_into")
 def _quantize_into_fake(x, fmt, block_size, stochastic, seed, offset, residual, out, residual_out=None):
     _check_quant_args(fmt, block_size)
     return None
 
 
-@torch.library.register_fake("pyperf::dequantize")
+@_fake("dequantize")
 def _dequantize_fake(wire, numel, fmt, block_size, out_dtype, scale):
     _check_quant_args(fmt, block_size)
     return wire.new_empty((numel,), dtype=out_dtype)
 
 
-@torch.library.register_fake("pyperf::dequantize_into")
+@_fake("dequantize_into")
 def _dequantize_into_fake(wire, numel, fmt, block_size, scale, accumulate, out):
     _check_quant_args(fmt, block_size)
     return None
 
 
-@torch.library.register_fake("pyperf::reduce_quantized")
+@_fake("reduce_quantized")
 def _reduce_quantized_fake(wires, numel, fmt, block_size, scale, out_dtype):
     _check_quant_args(fmt, block_size)
     return wires.new_empty((numel,), dtype=out_dtype)
 
 
-@torch.library.register_fake("pyperf::reduce_requantize")
+@_fake("reduce_requantize")
 def _reduce_requantize_fake(wires, numel, fmt, block_size, scale, stochastic, seed, offset, residual,
                             residual_out=None):
     return wires.new_empty((wire_bytes(numel, fmt, block_size),), dtype=torch.uint8)
 
 
-@torch.library.register_fake("pyperf::reduce_requantize_into")
+@_fake("reduce_requantize_into")
 def _reduce_requantize_into_fake(wires, numel, fmt, block_size, scale, stochastic, seed, offset, residual, out,
                                  residual_out=None):
     _check_quant_args(fmt, block_size)
     return None
 
 
-@torch.library.register_fake("pyperf::quantize_tensors_into")
+@_fake("quantize_tensors_into")
 def _quantize_tensors_into_fake(xs, fmt, block_size, residual, out, residual_out=None):
     _check_quant_args(fmt, block_size)
     return None
 
 
-@torch.library.register_fake("pyperf::dequantize_tensors_")
+@_fake("dequantize_tensors_")
 def _dequantize_tensors_fake(wire, fmt, block_size, scale, outs):
     _check_quant_args(fmt, block_size)
     return None
 
 
-@torch.library.register_fake("pyperf::reduce_quantized_tensors_")
+@_fake("reduce_quantized_tensors_")
 def _reduce_quantized_tensors_fake(wires, fmt, block_size, scale, outs):
     _check_quant_args(fmt, block_size)
     return None
@@ -309,13 +320,13 @@ def _norm_fake_fwd(x, residual):
     return y, h
 
 
-@torch.library.register_fake("pyperf::add_rms_norm")
+@_fake("add_rms_norm")
 def _add_rms_norm_fake(x, residual, weight, eps, save_output=False):
     y, h = _norm_fake_fwd(x, residual)
     return y, h, x.new_empty(x.shape[:-1], dtype=_norm_stat_dtype(x))
 
 
-@torch.library.register_fake("pyperf::add_layer_norm")
+@_fake("add_layer_norm")
 def _add_layer_norm_fake(x, residual, weight, bias, eps, save_output=False):
     y, h = _norm_fake_fwd(x, residual)
     stat = x.new_empty(x.shape[:-1], dtype=_norm_stat_dtype(x))
@@ -326,12 +337,12 @@ def _affine_grad_fake(p, saved):
     return p.new_empty(p.shape) if p is not None else saved.new_empty((0,))
 
 
-@torch.library.register_fake("pyperf::add_rms_norm_backward")
+@_fake("add_rms_norm_backward")
 def _add_rms_norm_backward_fake(dy, dh, saved, weight, rstd, saved_is_output):
     return saved.new_empty(saved.shape), _affine_grad_fake(weight, saved)
 
 
-@torch.library.register_fake("pyperf::add_layer_norm_backward")
+@_fake("add_layer_norm_backward")
 def _add_layer_norm_backward_fake(dy, dh, saved, weight, bias, mean, rstd, saved_is_output):
     return saved.new_empty(saved.shape), _affine_grad_fake(weight, saved), _affine_grad_fake(bias, saved)
 
@@ -404,14 +415,14 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor] = None, approximate:
     return _lib.bias_gelu.default(x, bias, approximate)
 
 
-@torch.library.register_fake("pyperf::bias_gelu")
+@_fake("bias_gelu")
 def _bias_gelu_fake(x, bias, approximate):
     torch._check(bias is None or (bias.dim() == 1 and bias.shape[0] == x.shape[-1]),
                  lambda: "bias: expected shape [%s]" % x.shape[-1])
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("pyperf::bias_gelu_backward")
+@_fake("bias_gelu_backward")
 def _bias_gelu_backward_fake(grad, x, bias, approximate, bias_grad):
     return x.new_empty(x.shape), _fake_bias_grad(x, bias, bias_grad)
 
@@ -428,13 +439,13 @@ def bias_dropout_residual(x: torch.Tensor, bias: Optional[torch.Tensor], residua
                                               _as_int64(offset, "offset"))
 
 
-@torch.library.register_fake("pyperf::bias_dropout_residual")
+@_fake("bias_dropout_residual")
 def _bias_dropout_residual_fake(x, bias, residual, p, seed, offset):
     torch._check(residual.shape == x.shape, lambda: "residual: expected shape %s like x" % (tuple(x.shape),))
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("pyperf::bias_dropout_residual_backward")
+@_fake("bias_dropout_residual_backward")
 def _bias_dropout_residual_backward_fake(grad, p, seed, offset, bias_grad):
     return grad.new_empty(grad.shape), (grad.new_empty(grad.shape[-1:]) if bias_grad else grad.new_empty(0))
 
@@ -465,11 +476,11 @@ def _gated_out_shape(a, b):
     return tuple(a.shape)
 
 
-@torch.library.register_fake("pyperf::gated_act")
+@_fake("gated_act")
 def _gated_act_fake(a, b, activation):
     return a.new_empty(_gated_out_shape(a, b))
 
 
-@torch.library.register_fake("pyperf::gated_act_backward")
+@_fake("gated_act_backward")
 def _gated_act_backward_fake(grad, a, b, activation):
     return a.new_empty(a.shape), (a.new_empty(0) if b is None else a.new_empty(a.shape))

@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "pyperf/autograd.h"
+#include "pyperf/library.h"
 
 namespace pyperf {
 namespace {
@@ -31,12 +32,12 @@ using BdrBwdSig = Grads(const at::Tensor&, double, c10::SymInt, c10::SymInt, boo
 using GatedSig = at::Tensor(const at::Tensor&, const Opt&, c10::string_view);
 using GatedBwdSig = Grads(const at::Tensor&, const at::Tensor&, const Opt&, c10::string_view);
 
-PYPERF_TYPED_OP(gelu_op, GeluSig, "pyperf::bias_gelu")
-PYPERF_TYPED_OP(gelu_bwd_op, GeluBwdSig, "pyperf::bias_gelu_backward")
-PYPERF_TYPED_OP(bdr_op, BdrSig, "pyperf::bias_dropout_residual")
-PYPERF_TYPED_OP(bdr_bwd_op, BdrBwdSig, "pyperf::bias_dropout_residual_backward")
-PYPERF_TYPED_OP(gated_op, GatedSig, "pyperf::gated_act")
-PYPERF_TYPED_OP(gated_bwd_op, GatedBwdSig, "pyperf::gated_act_backward")
+PYPERF_TYPED_OP(gelu_op, GeluSig, PYPERF_OP("bias_gelu"))
+PYPERF_TYPED_OP(gelu_bwd_op, GeluBwdSig, PYPERF_OP("bias_gelu_backward"))
+PYPERF_TYPED_OP(bdr_op, BdrSig, PYPERF_OP("bias_dropout_residual"))
+PYPERF_TYPED_OP(bdr_bwd_op, BdrBwdSig, PYPERF_OP("bias_dropout_residual_backward"))
+PYPERF_TYPED_OP(gated_op, GatedSig, PYPERF_OP("gated_act"))
+PYPERF_TYPED_OP(gated_bwd_op, GatedBwdSig, PYPERF_OP("gated_act_backward"))
 
 // In bias_gelu and bias_dropout_residual the bias, when given, is the second tensor input: graph edge 1
 // (needs_input_grad counts the tensors passed, not the argument positions).
@@ -141,7 +142,7 @@ at::Tensor gated_act_autograd(const at::Tensor& a, const Opt& b, c10::string_vie
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyperf, Autograd, m) {
+PYPERF_LIBRARY_IMPL(Autograd, m) {
   m.impl("bias_gelu", &bias_gelu_autograd);
   m.impl("bias_dropout_residual", &bias_dropout_residual_autograd);
   m.impl("gated_act", &gated_act_autograd);

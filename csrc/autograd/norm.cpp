@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "pyperf/autograd.h"
+#include "pyperf/library.h"
 
 namespace pyperf {
 namespace {
@@ -30,10 +31,10 @@ using LnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor
                                                                 const Opt&, const Opt&, const Opt&, const at::Tensor&,
                                                                 bool);
 
-PYPERF_TYPED_OP(rms_op, RmsSig, "pyperf::add_rms_norm")
-PYPERF_TYPED_OP(ln_op, LnSig, "pyperf::add_layer_norm")
-PYPERF_TYPED_OP(rms_bwd_op, RmsBwdSig, "pyperf::add_rms_norm_backward")
-PYPERF_TYPED_OP(ln_bwd_op, LnBwdSig, "pyperf::add_layer_norm_backward")
+PYPERF_TYPED_OP(rms_op, RmsSig, PYPERF_OP("add_rms_norm"))
+PYPERF_TYPED_OP(ln_op, LnSig, PYPERF_OP("add_layer_norm"))
+PYPERF_TYPED_OP(rms_bwd_op, RmsBwdSig, PYPERF_OP("add_rms_norm_backward"))
+PYPERF_TYPED_OP(ln_bwd_op, LnBwdSig, PYPERF_OP("add_layer_norm_backward"))
 
 // What backward keeps of the forward: y with save_output, else h (x itself when there is no residual).
 at::Tensor saved_stream(const at::Tensor& x, bool has_residual, const at::Tensor& y, const at::Tensor& h,
@@ -139,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_autogr
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyperf, Autograd, m) {
+PYPERF_LIBRARY_IMPL(Autograd, m) {
   m.impl("add_rms_norm", &add_rms_norm_autograd);
   m.impl("add_layer_norm", &add_layer_norm_autograd);
 }
