@@ -14,10 +14,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,6 +22,8 @@
 #include <vector>
 
 #include "pyperf/activation.h"
+#include "pyperf/column_plan.h"
+#include "pyperf/cuda_glue.cuh"
 #include "pyperf/dispatch.h"
 #include "pyperf/philox.h"
 
@@ -33,6 +31,13 @@ namespace pyperf {
 namespace {
 
 // ---- math (float for fp32/bf16/fp16, double for fp64) -----------------------------------------------------
+
+// Rounded multiply and add that nvcc cannot contract into an FMA: where CPU and CUDA promise the same bits
+// (bias + dropout + residual), the CPU rounds the product before the add.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
 __device__ __forceinline__ float dexp(float x) { return __expf(x); }
 __device__ __forceinline__ double dexp(double x) { return ::exp(x); }
@@ -136,39 +141,14 @@ __device__ __forceinline__ void dropout_scales(const DropoutParams& d, uint64_t 
 
 // ---- launch plan -------------------------------------------------------------------------------------------
 
-int sm_count(int device) {
-  static int cache[128] = {0};
-  if (device < 0 || device >= 128) return 132;
-  if (cache[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device] = std::max(1, n);
-  }
-  return cache[device];
-}
-
 struct Plan {
   dim3 grid, block;
-  int64_t slots;  // row lanes: gridDim.y * blockDim.y (the rows of the bias-gradient partials)
+  int64_t slots;  // row lanes: gridDim.y * blockDim.y (the rows of the bias-gradient partials); 0: launch nothing
 };
 
-// 256-thread blocks: x covers the column vectors (up to 128 per block), y the rows. Enough row lanes to fill the
-// GPU; when reducing a bias gradient, at most one lane per 8 rows so the partials stay small next to the data.
 Plan make_plan(int64_t rows, int64_t col_vecs, bool reduce, int device) {
-  int bx = 32;
-  while (bx < 128 && bx < col_vecs) bx *= 2;
-  const int by = 256 / bx;
-  const int64_t gx = (col_vecs + bx - 1) / bx;
-  const int64_t target_threads = static_cast<int64_t>(sm_count(device)) * 2048;
-  int64_t lanes = std::max<int64_t>(1, target_threads / (gx * bx));
-  if (reduce) lanes = std::min(lanes, std::max<int64_t>(1, (rows + 7) / 8));
-  lanes = std::min(lanes, rows);
-  int64_t gy = std::min<int64_t>(65535, std::max<int64_t>(1, (lanes + by - 1) / by));
-  Plan p;
-  p.grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
-  p.block = dim3(bx, by);
-  p.slots = gy * by;
-  return p;
+  const ColumnPlan c = column_plan(rows, col_vecs, reduce, cuda::sm_count(device));
+  return Plan{dim3(c.gx, c.gy), dim3(c.bx, c.by), c.slots};
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -229,7 +209,7 @@ __global__ void bias_gelu_backward_kernel(const T* __restrict__ grad, const T* _
 // grad_bias[c] = sum of partial[0..slots)[c] in a fixed order: each of the 16 y-threads sums a strided subset of
 // the slots, then a fixed shared-memory tree adds the 16 results.
 template <typename T>
-__global__ void bias_grad_finish_kernel(const at::opmath_type<T>* __restrict__ partial, int64_t slots,
+__global__ void __launch_bounds__(512) bias_grad_finish_kernel(const at::opmath_type<T>* __restrict__ partial, int64_t slots,
                                         int64_t hidden, T* __restrict__ out) {
   using A = at::opmath_type<T>;
   __shared__ A sh[16][33];
@@ -253,8 +233,7 @@ void finish_bias_grad(const at::Tensor& partial, int64_t slots, int64_t hidden, 
   if (hidden == 0) return;
   const dim3 grid(static_cast<unsigned>((hidden + 31) / 32)), block(32, 16);
   const at::opmath_type<T>* pp = slots > 0 ? partial.const_data_ptr<at::opmath_type<T>>() : nullptr;
-  bias_grad_finish_kernel<T><<<grid, block, 0, stream>>>(pp, slots, hidden, gb.mutable_data_ptr<T>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch(bias_grad_finish_kernel<T>, grid, block, stream, pp, slots, hidden, gb.mutable_data_ptr<T>());
 }
 
 at::Tensor partial_buffer(const at::Tensor& like, int64_t slots, int64_t hidden) {
@@ -271,14 +250,14 @@ at::Tensor bias_gelu_cuda(const at::Tensor& x_in, const std::optional<at::Tensor
                           c10::string_view approximate) {
   check_bias_gelu(x_in, bias_in);
   const bool tanh_approx = parse_gelu_approx(approximate) == GeluApprox::Tanh;
-  c10::cuda::CUDAGuard guard(x_in.device());
+  cuda::DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor bias = has(bias_in) ? bias_in->contiguous() : at::Tensor();
   at::Tensor y = at::empty(x.sizes(), x.options());
   const int64_t hidden = last_dim(x);
   const int64_t rows = hidden == 0 ? 0 : x.numel() / hidden;
   if (rows == 0) return y;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   PYPERF_DISPATCH_FLOAT(x.scalar_type(), "bias_gelu_cuda", [&] {
     constexpr int V = vec_of<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -287,11 +266,9 @@ at::Tensor bias_gelu_cuda(const at::Tensor& x_in, const std::optional<at::Tensor
     const bool vec = hidden % V == 0 && aligned16(xp) && aligned16(yp) && (bp == nullptr || aligned16(bp));
     const Plan p = make_plan(rows, vec ? hidden / V : hidden, false, x.get_device());
     if (vec) {
-      bias_gelu_kernel<scalar_t, V><<<p.grid, p.block, 0, stream>>>(xp, bp, yp, rows, hidden, tanh_approx);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(bias_gelu_kernel<scalar_t, V>, p.grid, p.block, stream, xp, bp, yp, rows, hidden, tanh_approx);
     } else {
-      bias_gelu_kernel<scalar_t, 1><<<p.grid, p.block, 0, stream>>>(xp, bp, yp, rows, hidden, tanh_approx);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(bias_gelu_kernel<scalar_t, 1>, p.grid, p.block, stream, xp, bp, yp, rows, hidden, tanh_approx);
     }
   });
   return y;
@@ -302,14 +279,14 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cuda(const at::Tensor& gra
                                                            c10::string_view approximate, bool bias_grad) {
   check_bias_gelu_backward(grad_in, x_in, bias_in, bias_grad);
   const bool tanh_approx = parse_gelu_approx(approximate) == GeluApprox::Tanh;
-  c10::cuda::CUDAGuard guard(x_in.device());
+  cuda::DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   const at::Tensor bias = has(bias_in) ? bias_in->contiguous() : at::Tensor();
   at::Tensor gx = at::empty(x.sizes(), x.options());
   const int64_t hidden = last_dim(x);
   const int64_t rows = hidden == 0 ? 0 : x.numel() / hidden;
   at::Tensor gb = at::empty({bias_grad ? hidden : 0}, x.options());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   PYPERF_DISPATCH_FLOAT(x.scalar_type(), "bias_gelu_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     constexpr int V = vec_of<scalar_t>();
@@ -322,30 +299,25 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cuda(const at::Tensor& gra
     const Plan p = make_plan(rows, vec ? hidden / V : hidden, bias_grad, x.get_device());
     at::Tensor partial;
     A* pp = nullptr;
-    if (bias_grad && rows > 0) {
+    if (bias_grad && p.slots > 0) {
       partial = partial_buffer(x, p.slots, hidden);
       pp = partial.mutable_data_ptr<A>();
     }
-    if (rows > 0) {
+    if (p.slots > 0) {
+      auto run = [&](auto kernel) {
+        cuda::launch(kernel, p.grid, p.block, stream, gp, xp, bp, gxp, pp, rows, hidden, tanh_approx);
+      };
       if (vec && bias_grad) {
-        bias_gelu_backward_kernel<scalar_t, V, true>
-            <<<p.grid, p.block, 0, stream>>>(gp, xp, bp, gxp, pp, rows, hidden, tanh_approx);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        run(bias_gelu_backward_kernel<scalar_t, V, true>);
       } else if (vec) {
-        bias_gelu_backward_kernel<scalar_t, V, false>
-            <<<p.grid, p.block, 0, stream>>>(gp, xp, bp, gxp, pp, rows, hidden, tanh_approx);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        run(bias_gelu_backward_kernel<scalar_t, V, false>);
       } else if (bias_grad) {
-        bias_gelu_backward_kernel<scalar_t, 1, true>
-            <<<p.grid, p.block, 0, stream>>>(gp, xp, bp, gxp, pp, rows, hidden, tanh_approx);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        run(bias_gelu_backward_kernel<scalar_t, 1, true>);
       } else {
-        bias_gelu_backward_kernel<scalar_t, 1, false>
-            <<<p.grid, p.block, 0, stream>>>(gp, xp, bp, gxp, pp, rows, hidden, tanh_approx);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        run(bias_gelu_backward_kernel<scalar_t, 1, false>);
       }
     }
-    if (bias_grad) finish_bias_grad<scalar_t>(partial, rows > 0 ? p.slots : 0, hidden, gb, stream);
+    if (bias_grad) finish_bias_grad<scalar_t>(partial, p.slots, hidden, gb, stream);
   });
   return {gx, gb};
 }
@@ -374,9 +346,10 @@ __global__ void bias_dropout_residual_kernel(const T* __restrict__ x, const T* _
     } else {
       float m[VEC];
       dropout_scales<VEC>(d, static_cast<uint64_t>(base), m);
-      // A plain multiply, like torch's dropout: a dropped inf/nan turns into nan (never hidden).
+      // A plain multiply, like torch's dropout: a dropped inf/nan turns into nan (never hidden). Rounded as the
+      // CPU rounds it (no FMA): the same bits on both.
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = res[j] + (v[j] + bb[j]) * static_cast<A>(m[j]);
+      for (int j = 0; j < VEC; ++j) v[j] = add_rn(res[j], mul_rn(v[j] + bb[j], static_cast<A>(m[j])));
     }
     store_vec<VEC>(y + base, v);
   }
@@ -419,7 +392,7 @@ at::Tensor bias_dropout_residual_cuda(const at::Tensor& x_in, const std::optiona
                                       const at::Tensor& residual_in, double p, c10::SymInt seed, c10::SymInt offset) {
   check_bias_dropout_residual(x_in, bias_in, residual_in);
   const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
-  c10::cuda::CUDAGuard guard(x_in.device());
+  cuda::DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), res = residual_in.contiguous();
   const at::Tensor bias = has(bias_in) ? bias_in->contiguous() : at::Tensor();
   at::Tensor y = at::empty(x.sizes(), x.options());
@@ -427,7 +400,7 @@ at::Tensor bias_dropout_residual_cuda(const at::Tensor& x_in, const std::optiona
   const int64_t rows = hidden == 0 ? 0 : x.numel() / hidden;
   if (rows == 0) return y;
   const bool identity = d.p == 0.0f;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   PYPERF_DISPATCH_FLOAT(x.scalar_type(), "bias_dropout_residual_cuda", [&] {
     constexpr int V = vec_of<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -438,13 +411,11 @@ at::Tensor bias_dropout_residual_cuda(const at::Tensor& x_in, const std::optiona
                      (bp == nullptr || aligned16(bp));
     const Plan pl = make_plan(rows, vec ? hidden / V : hidden, false, x.get_device());
     if (vec) {
-      bias_dropout_residual_kernel<scalar_t, V>
-          <<<pl.grid, pl.block, 0, stream>>>(xp, bp, rp, yp, rows, hidden, d, identity);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(bias_dropout_residual_kernel<scalar_t, V>, pl.grid, pl.block, stream, xp, bp, rp, yp, rows, hidden,
+                   d, identity);
     } else {
-      bias_dropout_residual_kernel<scalar_t, 1>
-          <<<pl.grid, pl.block, 0, stream>>>(xp, bp, rp, yp, rows, hidden, d, identity);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(bias_dropout_residual_kernel<scalar_t, 1>, pl.grid, pl.block, stream, xp, bp, rp, yp, rows, hidden,
+                   d, identity);
     }
   });
   return y;
@@ -455,14 +426,14 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_residual_backward_cuda(const at:
                                                                        bool bias_grad) {
   check_bias_dropout_residual_backward(grad_in);
   const DropoutParams d = make_dropout_params(p, seed.expect_int(), offset.expect_int());
-  c10::cuda::CUDAGuard guard(grad_in.device());
+  cuda::DeviceGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
   at::Tensor gx = at::empty(grad.sizes(), grad.options());
   const int64_t hidden = last_dim(grad);
   const int64_t rows = hidden == 0 ? 0 : grad.numel() / hidden;
   at::Tensor gb = at::empty({bias_grad ? hidden : 0}, grad.options());
   const bool identity = d.p == 0.0f;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   PYPERF_DISPATCH_FLOAT(grad.scalar_type(), "bias_dropout_residual_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     constexpr int V = vec_of<scalar_t>();
@@ -472,30 +443,25 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_residual_backward_cuda(const at:
     const Plan pl = make_plan(rows, vec ? hidden / V : hidden, bias_grad, grad.get_device());
     at::Tensor partial;
     A* pp = nullptr;
-    if (bias_grad && rows > 0) {
+    if (bias_grad && pl.slots > 0) {
       partial = partial_buffer(grad, pl.slots, hidden);
       pp = partial.mutable_data_ptr<A>();
     }
-    if (rows > 0) {
+    if (pl.slots > 0) {
+      auto run = [&](auto kernel) {
+        cuda::launch(kernel, pl.grid, pl.block, stream, gp, gxp, pp, rows, hidden, d, identity);
+      };
       if (vec && bias_grad) {
-        bias_dropout_residual_backward_kernel<scalar_t, V, true>
-            <<<pl.grid, pl.block, 0, stream>>>(gp, gxp, pp, rows, hidden, d, identity);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        run(bias_dropout_residual_backward_kernel<scalar_t, V, true>);
       } else if (vec) {
-        bias_dropout_residual_backward_kernel<scalar_t, V, false>
-            <<<pl.grid, pl.block, 0, stream>>>(gp, gxp, pp, rows, hidden, d, identity);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        run(bias_dropout_residual_backward_kernel<scalar_t, V, false>);
       } else if (bias_grad) {
-        bias_dropout_residual_backward_kernel<scalar_t, 1, true>
-            <<<pl.grid, pl.block, 0, stream>>>(gp, gxp, pp, rows, hidden, d, identity);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        run(bias_dropout_residual_backward_kernel<scalar_t, 1, true>);
       } else {
-        bias_dropout_residual_backward_kernel<scalar_t, 1, false>
-            <<<pl.grid, pl.block, 0, stream>>>(gp, gxp, pp, rows, hidden, d, identity);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        run(bias_dropout_residual_backward_kernel<scalar_t, 1, false>);
       }
     }
-    if (bias_grad) finish_bias_grad<scalar_t>(partial, rows > 0 ? pl.slots : 0, hidden, gb, stream);
+    if (bias_grad) finish_bias_grad<scalar_t>(partial, pl.slots, hidden, gb, stream);
   });
   return {gx, gb};
 }
@@ -548,12 +514,12 @@ at::Tensor gated_act_cuda(const at::Tensor& a_in, const std::optional<at::Tensor
                           c10::string_view activation) {
   const GatedShape s = check_gated(a_in, b_in);
   const GatedAct act = parse_gated_act(activation);
-  c10::cuda::CUDAGuard guard(a_in.device());
+  cuda::DeviceGuard guard(a_in.device());
   const at::Tensor a = a_in.contiguous();
   const at::Tensor b = s.split ? at::Tensor() : b_in->contiguous();
   at::Tensor y = at::empty(gated_out_shape(a, s), a.options());
   if (s.rows == 0 || s.hidden == 0) return y;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   PYPERF_DISPATCH_FLOAT(a.scalar_type(), "gated_act_cuda", [&] {
     constexpr int V = vec_of<scalar_t>();
     const scalar_t* ap = a.const_data_ptr<scalar_t>();
@@ -562,11 +528,11 @@ at::Tensor gated_act_cuda(const at::Tensor& a_in, const std::optional<at::Tensor
     const bool vec = s.hidden % V == 0 && aligned16(ap) && aligned16(bp) && aligned16(yp);
     const Plan p = make_plan(s.rows, vec ? s.hidden / V : s.hidden, false, a.get_device());
     if (vec) {
-      gated_act_kernel<scalar_t, V><<<p.grid, p.block, 0, stream>>>(ap, bp, yp, s.rows, s.hidden, s.in_stride, act);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(gated_act_kernel<scalar_t, V>, p.grid, p.block, stream, ap, bp, yp, s.rows, s.hidden, s.in_stride,
+                   act);
     } else {
-      gated_act_kernel<scalar_t, 1><<<p.grid, p.block, 0, stream>>>(ap, bp, yp, s.rows, s.hidden, s.in_stride, act);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(gated_act_kernel<scalar_t, 1>, p.grid, p.block, stream, ap, bp, yp, s.rows, s.hidden, s.in_stride,
+                   act);
     }
   });
   return y;
@@ -577,13 +543,13 @@ std::tuple<at::Tensor, at::Tensor> gated_act_backward_cuda(const at::Tensor& gra
                                                            c10::string_view activation) {
   const GatedShape s = check_gated_backward(grad_in, a_in, b_in);
   const GatedAct act = parse_gated_act(activation);
-  c10::cuda::CUDAGuard guard(a_in.device());
+  cuda::DeviceGuard guard(a_in.device());
   const at::Tensor a = a_in.contiguous(), grad = grad_in.contiguous();
   const at::Tensor b = s.split ? at::Tensor() : b_in->contiguous();
   at::Tensor ga = at::empty(a.sizes(), a.options());
   at::Tensor gb = s.split ? at::empty({0}, a.options()) : at::empty(a.sizes(), a.options());
   if (s.rows == 0 || s.hidden == 0) return {ga, gb};
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   PYPERF_DISPATCH_FLOAT(a.scalar_type(), "gated_act_backward_cuda", [&] {
     constexpr int V = vec_of<scalar_t>();
     const scalar_t* ap = a.const_data_ptr<scalar_t>();
@@ -595,13 +561,11 @@ std::tuple<at::Tensor, at::Tensor> gated_act_backward_cuda(const at::Tensor& gra
                      aligned16(gbp);
     const Plan p = make_plan(s.rows, vec ? s.hidden / V : s.hidden, false, a.get_device());
     if (vec) {
-      gated_act_backward_kernel<scalar_t, V>
-          <<<p.grid, p.block, 0, stream>>>(gp, ap, bp, gap, gbp, s.rows, s.hidden, s.in_stride, act);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(gated_act_backward_kernel<scalar_t, V>, p.grid, p.block, stream, gp, ap, bp, gap, gbp, s.rows,
+                   s.hidden, s.in_stride, act);
     } else {
-      gated_act_backward_kernel<scalar_t, 1>
-          <<<p.grid, p.block, 0, stream>>>(gp, ap, bp, gap, gbp, s.rows, s.hidden, s.in_stride, act);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(gated_act_backward_kernel<scalar_t, 1>, p.grid, p.block, stream, gp, ap, bp, gap, gbp, s.rows,
+                   s.hidden, s.in_stride, act);
     }
   });
   return {ga, gb};
@@ -609,7 +573,7 @@ std::tuple<at::Tensor, at::Tensor> gated_act_backward_cuda(const at::Tensor& gra
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyperf, CUDA, m) {
+PYPERF_CUDA_KERNELS(m) {
   m.impl("bias_gelu", &bias_gelu_cuda);
   m.impl("bias_gelu_backward", &bias_gelu_backward_cuda);
   m.impl("bias_dropout_residual", &bias_dropout_residual_cuda);

@@ -3,9 +3,6 @@
 // 16-byte vector loads/stores where both sides are aligned, a scalar loop otherwise and for the tail.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -13,6 +10,7 @@
 #include <array>
 #include <vector>
 
+#include "pyperf/cuda_glue.cuh"
 #include "pyperf/dispatch.h"
 #include "pyperf/multi_tensor_apply.cuh"
 #include "pyperf/pack_common.h"
@@ -208,7 +206,7 @@ at::Tensor pack_cuda(at::TensorList tensors, double scale, std::optional<c10::Sc
   TORCH_CHECK(!tensors.empty(), "tensors: expected at least one tensor (the Python wrapper handles empty lists)");
   const auto dtype = out_dtype.value_or(tensors[0].scalar_type());
   check_pack_dtype(dtype, "out_dtype");
-  c10::cuda::CUDAGuard guard(tensors[0].device());
+  cuda::DeviceGuard guard(tensors[0].device());
   const auto layout = pack_layout(tensors, align);
   at::Tensor out = at::empty({layout.total}, tensors[0].options().dtype(dtype));
   pack_into(tensors, scale, align, layout, out);
@@ -220,7 +218,7 @@ void pack_out_cuda(at::TensorList tensors, double scale, int64_t align, at::Tens
   check_pack_align(align);
   const auto layout = pack_layout(tensors, align);
   check_flat(out, "out", tensors, layout.total);
-  c10::cuda::CUDAGuard guard(out.device());
+  cuda::DeviceGuard guard(out.device());
   pack_into(tensors, scale, align, layout, out);
 }
 
@@ -230,7 +228,7 @@ void unpack_cuda(const at::Tensor& flat, at::TensorList tensors, double scale, i
   const auto layout = pack_layout(tensors, align);
   check_flat(flat, "flat", tensors, layout.total);
   if (tensors.empty()) return;
-  c10::cuda::CUDAGuard guard(flat.device());
+  cuda::DeviceGuard guard(flat.device());
   std::vector<std::array<void*, 1>> ptrs;
   std::vector<int64_t> numels;
   list_args(tensors, ptrs, numels);
@@ -245,7 +243,7 @@ void unpack_cuda(const at::Tensor& flat, at::TensorList tensors, double scale, i
 std::tuple<at::Tensor, at::Tensor> multi_tensor_l2norm_cuda(at::TensorList tensors) {
   check_pack_list(tensors, "tensors");
   TORCH_CHECK(!tensors.empty(), "tensors: expected at least one tensor (the Python wrapper handles empty lists)");
-  c10::cuda::CUDAGuard guard(tensors[0].device());
+  cuda::DeviceGuard guard(tensors[0].device());
   const PackLayout layout = pack_layout(tensors, 1);
   std::vector<std::array<void*, 1>> ptrs;
   std::vector<int64_t> numels;
@@ -262,11 +260,9 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_l2norm_cuda(at::TensorList tenso
     const int64_t ran = mta::multi_tensor_apply<1>(ptrs, numels, layout.offsets, op);
     TORCH_INTERNAL_ASSERT(ran == n_chunks);
   });
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  multi_tensor_l2norm_finalize_kernel<<<1, 1024, 0, stream>>>(partial_sq.data_ptr<float>(),
-                                                              partial_bad.data_ptr<int>(), n_chunks,
-                                                              sq.data_ptr<float>(), flag.data_ptr<bool>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaStream_t stream = cuda::current_stream();
+  cuda::launch(multi_tensor_l2norm_finalize_kernel, 1, 1024, stream, partial_sq.data_ptr<float>(),
+               partial_bad.data_ptr<int>(), n_chunks, sq.data_ptr<float>(), flag.data_ptr<bool>());
   return {sq, flag};
 }
 
@@ -281,7 +277,7 @@ void cuda_unpack(const at::Tensor& flat, at::TensorList tensors, double scale, i
   unpack_cuda(flat, tensors, scale, align, /*accumulate=*/false);
 }
 
-TORCH_LIBRARY_IMPL(pyperf, CUDA, m) {
+PYPERF_CUDA_KERNELS(m) {
   m.impl("pack", &pack_cuda);
   m.impl("pack_out", &pack_out_cuda);
   m.impl("unpack", &unpack_cuda);

@@ -10,9 +10,6 @@
 // chunks in registers and adds in rank order 0..W-1.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -21,6 +18,7 @@
 #include <type_traits>
 
 #include "pyperf/checks.h"
+#include "pyperf/cuda_glue.cuh"
 #include "pyperf/pack_cuda.h"
 #include "pyperf/dispatch.h"
 #include "pyperf/philox.h"
@@ -110,6 +108,7 @@ __device__ __forceinline__ float load_scale(const uint8_t* wire, int64_t b) {
 // A float tensor x (fp32/bf16/fp16).
 template <typename T, int VEC>
 struct XSrc {
+  static constexpr int kElemBytes = sizeof(T);
   const T* x;
   int64_t numel;
   bool aligned;
@@ -119,6 +118,7 @@ struct XSrc {
 // The scaled fp32 sum over W wires of values [i, i + VEC), in rank order (the reduce's requantize).
 template <int F, int VEC>
 struct WireSumSrc {
+  static constexpr int kElemBytes = 4;
   const uint8_t* wires;
   int64_t W, row_bytes, payload_offset, numel;
   int block_shift;
@@ -267,7 +267,10 @@ int grid_for(int64_t work_items, int per_block) {
 template <int F, typename Src>
 void launch_quantize(const Src& src, QuantParams p) {
   constexpr int VEC = vec_of<F>();
-  constexpr int kCache = 32 / VEC;  // at most 32 cached values per lane (8 steps of 4, 4 of 8)
+  // At most 32 cached values per lane (8 steps of 4 for int8 / fp8, 4 of 8 for int4), except int4 from 16-bit
+  // values: 32 floats live next to the unpacking of the 16-bit loads made ptxas spill (scripts/cuda_resources.py),
+  // so it caches 2 steps at most and takes the two-pass variant beyond.
+  constexpr int kCache = (F == kInt4 && Src::kElemBytes == 2) ? 2 : 32 / VEC;
   const int groups = p.block_size / VEC;
   p.lanes = std::min(32, groups);
   p.lanes_shift = log2_int(p.lanes);
@@ -276,29 +279,28 @@ void launch_quantize(const Src& src, QuantParams p) {
   p.residual_out_aligned = p.residual_out != nullptr && aligned_to(p.residual_out, sizeof(float) * VEC);
   const int64_t warps = (p.nblocks * p.lanes + 31) / 32;
   const int grid = grid_for(warps * 32, kThreads);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   // The register cache is sized to the exact step count: a larger array would cost registers (occupancy) even
   // when unused.
   switch (p.iters) {
     case 1:
-      quantize_kernel<F, 1, Src><<<grid, kThreads, 0, stream>>>(src, p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(quantize_kernel<F, 1, Src>, grid, kThreads, stream, src, p);
       break;
     case 2:
-      quantize_kernel<F, 2, Src><<<grid, kThreads, 0, stream>>>(src, p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(quantize_kernel<F, 2, Src>, grid, kThreads, stream, src, p);
       break;
     case 4:
-      quantize_kernel<F, 4, Src><<<grid, kThreads, 0, stream>>>(src, p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if constexpr (kCache >= 4) {
+        cuda::launch(quantize_kernel<F, 4, Src>, grid, kThreads, stream, src, p);
+      } else {
+        cuda::launch(quantize_kernel<F, 0, Src>, grid, kThreads, stream, src, p);
+      }
       break;
     default:
-      if (p.iters == kCache) {
-        quantize_kernel<F, kCache, Src><<<grid, kThreads, 0, stream>>>(src, p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (kCache > 4 && p.iters == kCache) {
+        cuda::launch(quantize_kernel<F, kCache, Src>, grid, kThreads, stream, src, p);
       } else {
-        quantize_kernel<F, 0, Src><<<grid, kThreads, 0, stream>>>(src, p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        cuda::launch(quantize_kernel<F, 0, Src>, grid, kThreads, stream, src, p);
       }
   }
 }
@@ -369,7 +371,7 @@ void quantize_into_cuda(const at::Tensor& x, c10::string_view fmt, int64_t block
                         const c10::optional<at::Tensor>& residual_out) {
   const WireLayout w = check_quantize_args(x, fmt, block_size, residual, residual_out, out);
   if (w.numel == 0) return;
-  c10::cuda::CUDAGuard guard(x.device());
+  cuda::DeviceGuard guard(x.device());
   QuantParams p = make_params(w, stochastic, seed, offset, out.data_ptr<uint8_t>(), residual, residual_out);
   dispatch_float3(x.scalar_type(), "x", [&](auto t) {
     using T = decltype(t);
@@ -396,8 +398,8 @@ void dequantize_into_cuda(const at::Tensor& wire, int64_t numel, c10::string_vie
                           double scale, bool accumulate, at::Tensor& out) {
   const WireLayout w = check_dequantize_args(wire, numel, fmt, block_size, out);
   if (numel == 0) return;
-  c10::cuda::CUDAGuard guard(wire.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  cuda::DeviceGuard guard(wire.device());
+  const cudaStream_t stream = cuda::current_stream();
   const int shift = log2_int(block_size);
   dispatch_float3(out.scalar_type(), "out", [&](auto t) {
     using T = decltype(t);
@@ -406,10 +408,9 @@ void dequantize_into_cuda(const at::Tensor& wire, int64_t numel, c10::string_vie
       constexpr int VEC = vec_of<F>();
       T* op = reinterpret_cast<T*>(out.data_ptr());
       const int grid = grid_for((numel + VEC - 1) / VEC, kThreads);
-      dequantize_kernel<F, T><<<grid, kThreads, 0, stream>>>(wire.data_ptr<uint8_t>(), numel, w.payload_offset,
-                                                             shift, static_cast<float>(scale), accumulate, op,
-                                                             aligned_to(op, sizeof(T) * VEC));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(dequantize_kernel<F, T>, grid, kThreads, stream, wire.data_ptr<uint8_t>(), numel,
+                   w.payload_offset, shift, static_cast<float>(scale), accumulate, op,
+                   aligned_to(op, sizeof(T) * VEC));
     });
   });
 }
@@ -443,8 +444,8 @@ at::Tensor reduce_quantized_cuda(const at::Tensor& wires, int64_t numel, c10::st
   const WireLayout w = check_wires(wires, numel, fmt, block_size);
   at::Tensor out = at::empty({numel}, wires.options().dtype(out_dtype));
   if (numel == 0) return out;
-  c10::cuda::CUDAGuard guard(wires.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  cuda::DeviceGuard guard(wires.device());
+  const cudaStream_t stream = cuda::current_stream();
   dispatch_float3(out_dtype, "out_dtype", [&](auto t) {
     using T = decltype(t);
     dispatch_format(w.fmt, [&](auto F_) {
@@ -452,9 +453,8 @@ at::Tensor reduce_quantized_cuda(const at::Tensor& wires, int64_t numel, c10::st
       constexpr int VEC = vec_of<F>();
       T* op = reinterpret_cast<T*>(out.data_ptr());
       const int grid = grid_for((numel + VEC - 1) / VEC, kThreads);
-      reduce_kernel<F, T><<<grid, kThreads, 0, stream>>>(wire_sum_src<F>(wires, w, scale), op,
-                                                         aligned_to(op, sizeof(T) * VEC));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(reduce_kernel<F, T>, grid, kThreads, stream, wire_sum_src<F>(wires, w, scale), op,
+                   aligned_to(op, sizeof(T) * VEC));
     });
   });
   return out;
@@ -466,7 +466,7 @@ void reduce_requantize_into_cuda(const at::Tensor& wires, int64_t numel, c10::st
                                  const c10::optional<at::Tensor>& residual_out) {
   const WireLayout w = check_requantize_args(wires, numel, fmt, block_size, residual, residual_out, &out);
   if (numel == 0) return;
-  c10::cuda::CUDAGuard guard(wires.device());
+  cuda::DeviceGuard guard(wires.device());
   QuantParams p = make_params(w, stochastic, seed, offset, out.data_ptr<uint8_t>(), residual, residual_out);
   dispatch_format(w.fmt, [&](auto F_) {
     constexpr int F = decltype(F_)::value;
@@ -494,7 +494,7 @@ void quantize_tensors_into_cuda(at::TensorList xs, c10::string_view fmt, int64_t
   const TensorsLayout l = check_tensors_layout(xs, "xs", fmt, block_size, out, "out");
   check_residuals(residual, residual_out, l.w.numel, out, "out");
   if (l.w.nblocks == 0) return;
-  c10::cuda::CUDAGuard guard(out.device());
+  cuda::DeviceGuard guard(out.device());
   at::Tensor packed = at::empty({l.w.numel}, out.options().dtype(at::kFloat));
   cuda_pack_out(xs, 1.0, block_size, packed);
   quantize_into_cuda(packed, fmt, block_size, false, 0, 0, residual, out, residual_out);
@@ -504,7 +504,7 @@ void dequantize_tensors_cuda(const at::Tensor& wire, c10::string_view fmt, int64
                              at::TensorList outs) {
   const TensorsLayout l = check_tensors_layout(outs, "outs", fmt, block_size, wire, "wire");
   if (l.w.nblocks == 0) return;
-  c10::cuda::CUDAGuard guard(wire.device());
+  cuda::DeviceGuard guard(wire.device());
   at::Tensor flat = at::empty({l.w.numel}, wire.options().dtype(at::kFloat));
   dequantize_into_cuda(wire, l.w.numel, fmt, block_size, scale, false, flat);
   cuda_unpack(flat, outs, 1.0, block_size);
@@ -514,7 +514,7 @@ void reduce_quantized_tensors_cuda(const at::Tensor& wires, c10::string_view fmt
                                    at::TensorList outs) {
   const TensorsLayout l = check_tensors_wires(outs, fmt, block_size, wires);
   if (l.w.nblocks == 0) return;
-  c10::cuda::CUDAGuard guard(wires.device());
+  cuda::DeviceGuard guard(wires.device());
   // reduce_quantized reads a contiguous stack: a row-strided slice of a gather buffer is copied first
   at::Tensor flat = reduce_quantized_cuda(wires.contiguous(), l.w.numel, fmt, block_size, scale, at::kFloat);
   cuda_unpack(flat, outs, 1.0, block_size);
@@ -522,7 +522,7 @@ void reduce_quantized_tensors_cuda(const at::Tensor& wires, c10::string_view fmt
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyperf, CUDA, m) {
+PYPERF_CUDA_KERNELS(m) {
   m.impl("quantize", &quantize_cuda);
   m.impl("quantize_into", &quantize_into_cuda);
   m.impl("dequantize", &dequantize_cuda);

@@ -11,8 +11,6 @@
 //
 // Written after reading the pattern of ATen's MultiTensorApply.cuh and apex's multi_tensor_apply.cuh.
 #pragma once
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
 #include <array>
@@ -20,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "pyperf/cuda_glue.cuh"
 #include "pyperf/mta_plan.h"
 
 namespace pyperf {
@@ -83,7 +82,7 @@ int64_t multi_tensor_apply(const std::vector<std::array<void*, DEPTH>>& ptrs, co
     TORCH_CHECK((n + chunk_size - 1) / chunk_size <= INT32_MAX, "multi_tensor_apply: a tensor of ", n,
                 " elements has too many chunks");
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   Args args;
   std::memset(&args, 0, sizeof(args));
   int64_t launched = 0;
@@ -100,8 +99,7 @@ int64_t multi_tensor_apply(const std::vector<std::array<void*, DEPTH>>& ptrs, co
       },
       [&](int nblocks) {
         args.first_block = launched;
-        multi_tensor_apply_kernel<DEPTH, Op><<<nblocks, kThreads, 0, stream>>>(chunk_size, args, op);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        cuda::launch(multi_tensor_apply_kernel<DEPTH, Op>, nblocks, kThreads, stream, chunk_size, args, op);
         launched += nblocks;
       });
   return launched;

@@ -2,7 +2,8 @@
 // without torch by csrc/test/test_quant_math.cpp. pyperf/_reference.py mirrors it operation for operation.
 //
 // Bit-identical on CPU and CUDA: divisions, products and differences go through *_rn helpers, which on the
-// device are IEEE intrinsics immune to --use_fast_math and to FMA contraction. Scales below FLT_MIN are sent as
+// device are IEEE intrinsics immune to --use_fast_math and to FMA contraction (the SIMT emulation, csrc/emu, takes
+// the device branch too, with its exact host intrinsics). Scales below FLT_MIN are sent as
 // 0 (CUDA flushes subnormals), so a block whose absmax is under qmax * FLT_MIN is sent as zeros and stays in the
 // error-feedback residual on both backends.
 #pragma once
@@ -24,7 +25,7 @@ constexpr uint32_t kFltMinBits = 0x00800000u;
 constexpr uint32_t kNanBits = 0x7fc00000u;
 
 PYPERF_HD uint32_t f2u(float f) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(PYPERF_CUDA_EMU)
   return __float_as_uint(f);
 #else
   uint32_t u;
@@ -34,7 +35,7 @@ PYPERF_HD uint32_t f2u(float f) {
 }
 
 PYPERF_HD float u2f(uint32_t u) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(PYPERF_CUDA_EMU)
   return __uint_as_float(u);
 #else
   float f;
@@ -44,7 +45,7 @@ PYPERF_HD float u2f(uint32_t u) {
 }
 
 PYPERF_HD float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(PYPERF_CUDA_EMU)
   return __fdiv_rn(a, b);
 #else
   return a / b;
@@ -52,7 +53,7 @@ PYPERF_HD float div_rn(float a, float b) {
 }
 
 PYPERF_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(PYPERF_CUDA_EMU)
   return __fmul_rn(a, b);
 #else
   return a * b;
@@ -60,7 +61,7 @@ PYPERF_HD float mul_rn(float a, float b) {
 }
 
 PYPERF_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(PYPERF_CUDA_EMU)
   return __fadd_rn(a, b);
 #else
   return a + b;
@@ -68,7 +69,7 @@ PYPERF_HD float add_rn(float a, float b) {
 }
 
 PYPERF_HD float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(PYPERF_CUDA_EMU)
   return __fsub_rn(a, b);
 #else
   return a - b;
