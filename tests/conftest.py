@@ -1,3 +1,5 @@
+import contextlib
+import importlib
 import os
 import sys
 import zlib
@@ -6,12 +8,32 @@ import pytest
 import torch
 
 # Tests run against the in-place build of this checkout (python setup.py build_ext --inplace), never against some
-# other installed pyperf.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+# other installed pyperf; PYPERF_TEST_ROOT points them at another tree holding a pyperf package (make
+# test-cuda-emu's sanitizer build).
+ROOT = os.environ.get("PYPERF_TEST_ROOT") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not sys.path or sys.path[0] != ROOT:
     sys.path.insert(0, ROOT)
 
 HAS_CUDA = torch.cuda.is_available()
+
+EMU_MISSING = ("pyperf._C_emu, the SIMT emulation of the CUDA kernels, is not built here (`make cuda-emu` builds it in "
+               "place; `make test-cuda-emu` runs these tests under ASan/UBSan)")
+
+
+def _load_emu():
+    """pyperf._C_emu registers the CUDA kernels, run by the SIMT emulation (csrc/emu), as torch.ops.pyperf_emu.* on
+    CPU tensors, with the schemas and C++ autograd of torch.ops.pyperf.*; it gets the same fakes here."""
+    try:
+        importlib.import_module("pyperf._C_emu")
+    except ImportError:
+        return False
+    from pyperf import ops
+    for name, fn in ops.FAKES.items():
+        torch.library.register_fake("pyperf_emu::" + name)(fn)
+    return True
+
+
+HAS_EMU = _load_emu()
 
 
 def stable_seed(*parts):
@@ -21,17 +43,63 @@ def stable_seed(*parts):
 
 
 def devices():
-    """The devices a kernel test runs on: cpu always, cuda where there is a GPU."""
-    return ["cpu"] + (["cuda"] if HAS_CUDA else [])
+    """The devices a kernel test runs on: "cpu" (the CPU kernels); "emu" (the CUDA kernels under the SIMT
+    emulation, on CPU tensors; skipped unless pyperf._C_emu is built); "cuda" where there is a GPU."""
+    return ["cpu", "emu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def gpu_devices():
+    """The devices that run the CUDA kernels: the emulation always (skipped when not built), a GPU where there is
+    one."""
+    return ["emu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def dev(device):
+    """The torch device of a test device: the emulation computes on CPU tensors."""
+    return "cpu" if device == "emu" else device
+
+
+def lib(device):
+    """torch.ops.pyperf, or for "emu" its emulated twin torch.ops.pyperf_emu."""
+    return torch.ops.pyperf_emu if device == "emu" else torch.ops.pyperf
+
+
+@contextlib.contextmanager
+def kernels(device):
+    """pyperf.ops.* (and all pyperf code above them: layers, hooks, bucketer) call the ops of lib(device)."""
+    from pyperf import ops
+    old = ops._lib
+    ops._lib = lib(device)
+    try:
+        yield
+    finally:
+        ops._lib = old
+
+
+@pytest.fixture(autouse=True)
+def _emulated_kernels(request):
+    """A test on device "emu" runs pyperf's ops through the emulated CUDA kernels, unless it compares the CPU and
+    CUDA kernels itself (marked cpu_vs_cuda: it picks the kernels per call with kernels())."""
+    params = getattr(request.node, "callspec", None)
+    device = params.params.get("device") if params is not None else None
+    if device != "emu" or request.node.get_closest_marker("cpu_vs_cuda") is not None:
+        yield
+        return
+    with kernels("emu"):
+        yield
 
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device (runs on the GPU machine: scripts/gpu_check.sh)")
+    skip_emu = pytest.mark.skip(reason=EMU_MISSING)
     for item in items:
         params = getattr(item, "callspec", None)
-        on_cuda = "cuda" in item.keywords or (params is not None and "cuda" in str(params.params.get("device", "")))
+        device = str(params.params.get("device", "")) if params is not None else ""
+        on_cuda = "cuda" in item.keywords or "cuda" in device
         if on_cuda and not HAS_CUDA:
             item.add_marker(skip_cuda)
+        if device == "emu" and not HAS_EMU:
+            item.add_marker(skip_emu)
 
 
 def _global_state():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import devices
+from conftest import dev, devices, gpu_devices, kernels, lib
 
 import pyperf  # noqa: F401
 from pyperf import _reference as R
@@ -16,16 +16,18 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # One rounding of a float32 result to the dtype, plus the float32 math differences (polynomial exp/erf).
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3),
        torch.float64: (1e-10, 1e-10)}
-# 0-size, 1, primes, odd sizes, not a multiple of any vector width, more than one column block (4096) and
-# several row blocks (the bias-gradient partials).
-SHAPES = [(0, 8), (1, 1), (3, 7), (4, 64), (2, 3, 129), (5, 1031), (17, 4100)]
+# 0 in every dim (a last dim of 0 once divided by zero in the CUDA launch plan), 1, primes, odd sizes, not a multiple
+# of any vector width, more than one column block (4096) and several row blocks (the bias-gradient partials). On the
+# CUDA kernels (GPU or emulated) these reach the vector path (4, 64) and (17, 4100) in fp32, the scalar one for the
+# rest, several column blocks (4100) and several row lanes with a bias gradient (17 rows).
+SHAPES = [(0, 8), (8, 0), (0, 0), (1, 1), (3, 7), (4, 64), (2, 3, 129), (5, 1031), (17, 4100)]
 APPROX = ["tanh", "none"]
 GATED = ["silu", "gelu", "gelu_tanh"]
 GEN = torch.Generator().manual_seed(1234)
 
 
 def rand(shape, dtype, device, scale=2.0):
-    return (torch.randn(shape, generator=GEN, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+    return (torch.randn(shape, generator=GEN, dtype=torch.float64) * scale).to(dtype=dtype, device=dev(device))
 
 
 def close(actual, expected, dtype, scale=1.0, msg=""):
@@ -96,7 +98,7 @@ def test_bias_dropout_residual(device, dtype, shape, p, with_bias):
 
 def _mask(shape, p, seed, offset, device="cpu"):
     """The mask*scale a call applies, read off the forward (x = 1, no bias, residual = 0)."""
-    ones = torch.ones(shape, device=device)
+    ones = torch.ones(shape, device=dev(device))
     return ops.bias_dropout_residual(ones, None, torch.zeros_like(ones), p, seed, offset)
 
 
@@ -107,16 +109,27 @@ def test_dropout_mask_matches_reference_philox_bit_for_bit(device):
         assert torch.equal(m.cpu(), R.dropout_scale(p, seed, offset, (7, 131)))
 
 
-@pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_dropout_mask_same_on_cpu_and_device(device, dtype):
-    """The documented contract: same (seed, offset) -> the same mask on CPU and CUDA (vectorized and scalar
-    CUDA paths: hidden a multiple of the vector width or not)."""
+@pytest.mark.cpu_vs_cuda
+@pytest.mark.parametrize("device", gpu_devices())
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_dropout_same_bits_on_cpu_and_device(device, dtype):
+    """The documented contract: the same (seed, offset) gives the same mask on CPU and CUDA, and the same output
+    and grad_x bits (the CUDA kernel rounds the product before the add, as the CPU does: no FMA). Vectorized and
+    scalar CUDA paths: hidden a multiple of the vector width or not."""
+    d = dev(device)
     for shape in [(5, 1031), (3, 4096), (2, 3, 136)]:
-        ones = torch.ones(shape, dtype=dtype)
-        ref = ops.bias_dropout_residual(ones, None, torch.zeros_like(ones), 0.3, 77, 9)
-        got = ops.bias_dropout_residual(ones.to(device), None, torch.zeros_like(ones).to(device), 0.3, 77, 9)
-        assert torch.equal(got.cpu(), ref)
+        for p in (0.3, 0.0):
+            x, r, g = (rand(shape, dtype, "cpu") for _ in range(3))
+            b = rand(shape[-1:], dtype, "cpu")
+            want = ops.bias_dropout_residual(x, b, r, p, 77, 9)
+            want_gx, want_gb = torch.ops.pyperf.bias_dropout_residual_backward(g, p, 77, 9, True)
+            with kernels(device):
+                got = ops.bias_dropout_residual(x.to(d, copy=True), b.to(d, copy=True), r.to(d, copy=True), p, 77, 9)
+                gx, gb = lib(device).bias_dropout_residual_backward(g.to(d, copy=True), p, 77, 9, True)
+            assert torch.equal(got.cpu(), want), (shape, p)
+            assert torch.equal(gx.cpu(), want_gx), (shape, p)
+            # the bias gradient sums rows in another order on CUDA: equal within rounding, not bits
+            close(gb.cpu(), want_gb, dtype, scale=shape[0])
 
 
 @pytest.mark.parametrize("device", devices())
@@ -124,7 +137,7 @@ def test_bias_grads_are_deterministic(device):
     x = rand((300, 520), torch.float32, device)
     g = rand((300, 520), torch.float32, device)
     b = rand((520,), torch.float32, device)
-    L = torch.ops.pyperf
+    L = lib(device)
     for _ in range(2):
         runs = [L.bias_gelu_backward(g, x, b, "tanh", True)[1] for _ in range(3)]
         runs += [L.bias_dropout_residual_backward(g, 0.2, 3, 4, True)[1] for _ in range(3)]
@@ -134,9 +147,9 @@ def test_bias_grads_are_deterministic(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_dropout_same_mask_in_forward_and_backward(device):
-    x = torch.ones(9, 257, device=device, requires_grad=True)
-    b = torch.zeros(257, device=device, requires_grad=True)
-    r = torch.zeros(9, 257, device=device)
+    x = torch.ones(9, 257, device=dev(device), requires_grad=True)
+    b = torch.zeros(257, device=dev(device), requires_grad=True)
+    r = torch.zeros(9, 257, device=dev(device))
     y = ops.bias_dropout_residual(x, b, r, 0.4, 99, 5)
     y.backward(torch.ones_like(y))
     assert torch.equal(x.grad, y.detach())           # grad_x = mask * scale, the forward's mask
@@ -230,7 +243,7 @@ def test_dropout_p0_eval_and_p1_exact(device, dtype):
     assert torch.equal(ops.bias_dropout_residual(x, b, r, 0.7, 1, 2, training=False), exact)
     assert torch.equal(ops.bias_dropout_residual(x, b, r, 1.0, 1, 2), r)
     # module in eval mode: the identity path, and no draw from the generator
-    mod = pnn.BiasDropoutResidual(77, p=0.5).to(device=device, dtype=dtype).eval()
+    mod = pnn.BiasDropoutResidual(77, p=0.5).to(device=dev(device), dtype=dtype).eval()
     with torch.no_grad():
         mod.bias.copy_(b)
     state = torch.get_rng_state()
@@ -314,7 +327,7 @@ def _opcheck_cases(device):
     g = rand((3, 5, 36), torch.float32, device)
     g18 = rand((3, 5, 18), torch.float32, device)
     req = lambda t: t.clone().requires_grad_()  # noqa: E731
-    L = torch.ops.pyperf
+    L = lib(device)
     return [
         (L.bias_gelu.default, (req(x), req(b), "tanh")),
         (L.bias_gelu.default, (x, None, "none")),
@@ -359,9 +372,9 @@ def test_nonfinite_propagates(device):
     # a nan gradient reaches grad_x and grad_bias
     g = torch.ones_like(x)
     g[2, 2] = float("nan")
-    gx, gb = torch.ops.pyperf.bias_gelu_backward(g, x.nan_to_num(), torch.zeros(9, device=device), "tanh", True)
+    gx, gb = lib(device).bias_gelu_backward(g, x.nan_to_num(), torch.zeros(9, device=dev(device)), "tanh", True)
     assert torch.isnan(gx[2, 2]) and torch.isnan(gb[2]) and torch.isfinite(gb[:2]).all()
-    gx, gb = torch.ops.pyperf.bias_dropout_residual_backward(g, 0.0, 0, 0, True)
+    gx, gb = lib(device).bias_dropout_residual_backward(g, 0.0, 0, 0, True)
     assert torch.isnan(gx[2, 2]) and torch.isnan(gb[2])
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import devices
+from conftest import dev, devices, gpu_devices, kernels, lib
 from pyperf import _reference as R
 from pyperf import ops
 
@@ -23,7 +23,7 @@ def _randn(n, dtype, device, seed, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     # values spread over several binades, so fp8 sees its subnormal and normal ranges
     x = torch.randn(n, generator=g) * scale * torch.exp2(torch.randint(-6, 3, (n,), generator=g).float())
-    return x.to(dtype).to(device)
+    return x.to(dtype).to(dev(device))
 
 
 def _block_scales(wire, numel, block_size):
@@ -77,11 +77,11 @@ def test_quantize_matches_reference(device, fmt, dtype):
         for bs in (32, 256):
             for sr, ef in ((False, False), (True, False), (False, True), (True, True)):
                 x = _randn(n, dtype, device, seed=i * 31 + bs)
-                r = torch.randn(n, device=device) * 0.05 if ef else None
+                r = torch.randn(n, device=dev(device)) * 0.05 if ef else None
                 r_ref = r.cpu().clone() if ef else None
                 wire = ops.quantize(x, fmt, bs, stochastic=sr, seed=11, offset=n, residual=r)
                 ref = R.quantize(x.cpu(), fmt, bs, stochastic=sr, seed=11, offset=n, residual=r_ref)
-                assert wire.dtype == torch.uint8 and wire.device.type == device
+                assert wire.dtype == torch.uint8 and wire.device.type == dev(device)
                 assert torch.equal(wire.cpu(), ref), (fmt, dtype, n, bs, sr, ef)
                 if ef:
                     assert torch.equal(r.cpu(), r_ref), (fmt, dtype, n, bs, sr)
@@ -99,7 +99,7 @@ def test_int8_exact_on_representable_values(device, bs):
     k = torch.randint(-127, 128, (n,))
     k[::bs] = 127                                  # every block reaches qmax, so its scale is exactly 2^e
     e = torch.randint(-10, 10, (ops.quant_nblocks(n, bs),)).repeat_interleave(bs)[:n]
-    x = (k.float() * torch.exp2(e.float())).to(device)
+    x = (k.float() * torch.exp2(e.float())).to(dev(device))
     d = ops.dequantize(ops.quantize(x, "int8", bs), n, "int8", bs)
     assert torch.equal(d, x)
     xb = x.to(torch.bfloat16)                      # |k| < 2^8: exact in bf16 too
@@ -133,7 +133,7 @@ def test_error_bounds(device, fmt):
 def test_quantize_into_slice_of_send_buffer(device, fmt):
     n, bs, world = 1009, 64, 3
     wb = ops.wire_bytes(n, fmt, bs)
-    buf = torch.full((world * wb,), 0xAB, dtype=torch.uint8, device=device)
+    buf = torch.full((world * wb,), 0xAB, dtype=torch.uint8, device=dev(device))
     xs = [_randn(n, torch.bfloat16, device, seed=r) for r in range(world)]
     for r in (2, 0):                               # rank 1's chunk stays poisoned
         out = ops.quantize(xs[r], fmt, bs, stochastic=True, seed=5, offset=r, out=buf[r * wb:(r + 1) * wb])
@@ -148,14 +148,14 @@ def test_quantize_into_slice_of_send_buffer(device, fmt):
 def test_dequantize_into_poisoned_and_accumulate(device, fmt, out_dtype):
     n, bs = 1009, 64
     wire = ops.quantize(_randn(n, torch.float32, device, seed=7), fmt, bs)
-    out = torch.full((n,), float("nan"), dtype=out_dtype, device=device)
+    out = torch.full((n,), float("nan"), dtype=out_dtype, device=dev(device))
     ops.dequantize(wire, n, fmt, bs, out=out, scale=0.5)
     assert torch.equal(out.cpu(), R.dequantize(wire.cpu(), n, fmt, bs, out_dtype=out_dtype, scale=0.5))
     acc = _randn(n, out_dtype, device, seed=8)
     expect = R.dequantize(wire.cpu(), n, fmt, bs, scale=0.5, out=acc.cpu().clone(), accumulate=True)
     ops.dequantize(wire, n, fmt, bs, out=acc, scale=0.5, accumulate=True)
     assert torch.equal(acc.cpu(), expect)
-    out2d = torch.full((n // 1009, 1009), float("nan"), dtype=out_dtype, device=device)   # any shape, flat order
+    out2d = torch.full((n // 1009, 1009), float("nan"), dtype=out_dtype, device=dev(device))   # any shape, flat order
     ops.dequantize(wire, n, fmt, bs, out=out2d)
     assert torch.equal(out2d.reshape(-1).cpu(), R.dequantize(wire.cpu(), n, fmt, bs, out_dtype=out_dtype))
 
@@ -167,12 +167,12 @@ def test_unaligned_views(device, fmt):
     n, bs = 1000, 32
     for dtype in (torch.float32, torch.float16):
         x = _randn(n + 1, dtype, device, seed=21)[1:]
-        r = (torch.randn(n + 1, device=device) * 0.1)[1:]
+        r = (torch.randn(n + 1, device=dev(device)) * 0.1)[1:]
         r_ref = r.cpu().clone()
         wire = ops.quantize(x, fmt, bs, stochastic=True, seed=2, residual=r)
         assert torch.equal(wire.cpu(), R.quantize(x.cpu(), fmt, bs, stochastic=True, seed=2, residual=r_ref))
         assert torch.equal(r.cpu(), r_ref)
-        out = torch.full((n + 1,), float("nan"), dtype=dtype, device=device)[1:]
+        out = torch.full((n + 1,), float("nan"), dtype=dtype, device=dev(device))[1:]
         ops.dequantize(wire, n, fmt, bs, out=out)
         assert torch.equal(out.cpu(), R.dequantize(wire.cpu(), n, fmt, bs, out_dtype=dtype))
 
@@ -196,7 +196,7 @@ def test_stochastic_rounding_is_deterministic(device):
 def test_stochastic_rounding_is_unbiased(device, fmt):
     n, bs, trials = 512, 64, 256
     x = _randn(n, torch.float32, device, seed=10)
-    acc = torch.zeros(n, dtype=torch.float64, device=device)
+    acc = torch.zeros(n, dtype=torch.float64, device=dev(device))
     for t in range(trials):
         acc += ops.dequantize(ops.quantize(x, fmt, bs, stochastic=True, seed=77, offset=t), n, fmt, bs).double()
     mean = (acc / trials).cpu()
@@ -217,15 +217,15 @@ def test_stochastic_rounding_is_unbiased(device, fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_error_feedback_identity(device, fmt):
     n, bs = 2003, 128
-    r = torch.zeros(n, device=device)
-    sent = torch.zeros(n, dtype=torch.float64, device=device)
-    total = torch.zeros(n, dtype=torch.float64, device=device)
+    r = torch.zeros(n, device=dev(device))
+    sent = torch.zeros(n, dtype=torch.float64, device=dev(device))
+    total = torch.zeros(n, dtype=torch.float64, device=dev(device))
     for step in range(6):
         x = _randn(n, torch.bfloat16, device, seed=100 + step)
         v = x.float() + r
         wire = ops.quantize(x, fmt, bs, stochastic=step % 2 == 1, seed=1, offset=step, residual=r)
         d = ops.dequantize(wire, n, fmt, bs)
-        s = _per_elem_scale(wire, n, bs).to(device)
+        s = _per_elem_scale(wire, n, bs).to(dev(device))
         # x + r_old == deQ(q) + r_new within fp32 rounding (of the larger of v and what was sent)
         assert ((d + r) - v).abs().le((v.abs() + s) * 2 ** -22).all()
         sent += d.double()
@@ -248,12 +248,12 @@ def _ef_input(n, dtype, device, seed):
 
 
 def _nan(n, device):
-    return torch.full((n,), float("nan"), device=device)
+    return torch.full((n,), float("nan"), device=dev(device))
 
 
 def _check_out_of_place(run, n, device, seed):
     """run(residual, residual_out) -> wire. Compares every out-of-place form with the in-place one."""
-    r = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 0.05).to(device)
+    r = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 0.05).to(dev(device))
     r_new = r.clone()
     w_ref = run(r_new, None)                                         # in place
     keep, r_out = r.clone(), _nan(n, device)
@@ -265,7 +265,7 @@ def _check_out_of_place(run, n, device, seed):
     assert torch.equal(run(view, view.view(-1)[:]), w_ref) and torch.equal(view, r_new)  # same memory, other tensor
     unal = _nan(n + 1, device)[1:]                                   # residual_out off the vector alignment
     assert torch.equal(run(r.clone(), unal), w_ref) and torch.equal(unal, r_new)
-    zero = torch.zeros(n, device=device)
+    zero = torch.zeros(n, device=dev(device))
     w_zero = run(zero, None)                                         # residual None reads zeros
     r_out = _nan(n, device)
     assert torch.equal(run(None, r_out), w_zero) and torch.equal(r_out, zero)
@@ -285,12 +285,12 @@ def test_quantize_residual_out(device, fmt, dtype):
                 return ops.quantize(x, fmt, bs, stochastic=sr, seed=3, offset=i, residual=res, residual_out=res_out)
 
             w_ref, r_new = _check_out_of_place(run, n, device, seed=i)
-            r = (torch.randn(n, generator=torch.Generator().manual_seed(i)) * 0.05).to(device)
+            r = (torch.randn(n, generator=torch.Generator().manual_seed(i)) * 0.05).to(dev(device))
             r_ref = _nan(n, "cpu")
             ref = R.quantize(x.cpu(), fmt, bs, stochastic=sr, seed=3, offset=i, residual=r.cpu(), residual_out=r_ref)
             assert torch.equal(w_ref.cpu(), ref) and torch.equal(r_new.cpu(), r_ref), (n, sr)
             # out= (a slice of a poisoned send buffer) together with residual_out
-            buf = torch.full((wb + 8,), 0xAB, dtype=torch.uint8, device=device)
+            buf = torch.full((wb + 8,), 0xAB, dtype=torch.uint8, device=dev(device))
             keep, r_out = r.clone(), _nan(n, device)
             o = ops.quantize(x, fmt, bs, stochastic=sr, seed=3, offset=i, residual=keep, residual_out=r_out,
                              out=buf[4:4 + wb])
@@ -313,14 +313,14 @@ def test_reduce_requantize_residual_out_and_out(device, fmt):
                                             residual_out=res_out, stochastic=sr, seed=8, offset=world)
 
             w_ref, r_new = _check_out_of_place(run, n, device, seed=world)
-            r = (torch.randn(n, generator=torch.Generator().manual_seed(world)) * 0.05).to(device)
+            r = (torch.randn(n, generator=torch.Generator().manual_seed(world)) * 0.05).to(dev(device))
             r_ref = _nan(n, "cpu")
             ref = R.reduce_quantized(wires.cpu(), n, fmt, bs, scale=0.5, requantize=True, residual=r.cpu(),
                                      residual_out=r_ref, stochastic=sr, seed=8, offset=world)
             assert torch.equal(w_ref.cpu(), ref) and torch.equal(r_new.cpu(), r_ref), (world, n, sr)
             # out=: one slice of a poisoned all-gather buffer, with and without error feedback
             for res, res_out in ((None, None), (r.clone(), None), (r.clone(), _nan(n, device))):
-                buf = torch.full((3 * wb,), 0xAB, dtype=torch.uint8, device=device)
+                buf = torch.full((3 * wb,), 0xAB, dtype=torch.uint8, device=dev(device))
                 o = ops.reduce_quantized(wires, n, fmt, bs, scale=0.5, requantize=True, residual=res,
                                          residual_out=res_out, out=buf[wb:2 * wb], stochastic=sr, seed=8,
                                          offset=world)
@@ -344,7 +344,7 @@ def test_non_finite_blocks_stay_non_finite(device, fmt, dtype):
     x[70] = float("inf")
     x[200] = float("nan")
     x[299] = -float("inf")                          # in the partial last block
-    r = torch.full((n,), 0.01, device=device)
+    r = torch.full((n,), 0.01, device=dev(device))
     wire = ops.quantize(x, fmt, bs, stochastic=True, seed=3, residual=r)
     d = ops.dequantize(wire, n, fmt, bs)
     bad = torch.zeros(n, dtype=torch.bool)
@@ -361,7 +361,7 @@ def test_non_finite_blocks_stay_non_finite(device, fmt, dtype):
     wires = torch.stack([wire, ops.quantize(_randn(n, dtype, device, seed=14), fmt, bs)])
     s = ops.reduce_quantized(wires, n, fmt, bs)
     assert s.cpu()[bad].isnan().all() and s.cpu()[~bad].isfinite().all()
-    rr = torch.ones(n, device=device)
+    rr = torch.ones(n, device=dev(device))
     w2 = ops.reduce_quantized(wires, n, fmt, bs, requantize=True, residual=rr)
     assert ops.dequantize(w2, n, fmt, bs).cpu()[bad].isnan().all()
     assert (rr.cpu()[bad] == 0).all() and rr.isfinite().all()
@@ -370,7 +370,7 @@ def test_non_finite_blocks_stay_non_finite(device, fmt, dtype):
 @pytest.mark.parametrize("device", devices())
 def test_overflowing_sum_is_not_laundered(device):
     n = 64
-    x = torch.full((n,), 3.0e38, device=device)
+    x = torch.full((n,), 3.0e38, device=dev(device))
     wires = torch.stack([ops.quantize(x, "int8", 32)] * 2)
     assert ops.reduce_quantized(wires, n, "int8", 32).isinf().all()
     assert ops.dequantize(ops.reduce_quantized(wires, n, "int8", 32, requantize=True), n, "int8", 32).isnan().all()
@@ -378,9 +378,9 @@ def test_overflowing_sum_is_not_laundered(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_tiny_and_zero_blocks(device):
-    x = torch.zeros(96, device=device)
+    x = torch.zeros(96, device=dev(device))
     x[32:64] = 1e-40                                # scale would be subnormal: sent as zeros, kept in residual
-    r = torch.zeros(96, device=device)
+    r = torch.zeros(96, device=dev(device))
     wire = ops.quantize(x, "int8", 32, residual=r)
     assert (_block_scales(wire, 96, 32) == 0).all()
     assert (ops.dequantize(wire, 96, "int8", 32) == 0).all()
@@ -405,7 +405,7 @@ def test_reduce_quantized_matches_reference(device, fmt):
             ref = R.reduce_quantized(wires.cpu(), n, fmt, bs, scale=1.0 / world, out_dtype=out_dtype)
             assert s.dtype == out_dtype and torch.equal(s.cpu(), ref), (world, out_dtype)
         for sr in (False, True):
-            r = torch.randn(n, device=device) * 0.01
+            r = torch.randn(n, device=dev(device)) * 0.01
             r_ref = r.cpu().clone()
             w = ops.reduce_quantized(wires, n, fmt, bs, scale=0.5, requantize=True, residual=r, stochastic=sr,
                                      seed=4, offset=world)
@@ -419,55 +419,66 @@ def test_reduce_quantized_matches_reference(device, fmt):
 @pytest.mark.parametrize("device", devices())
 def test_reduce_quantized_sizes(device):
     for n in (0, 1, 33):
-        wires = torch.stack([ops.quantize(torch.randn(n, device=device), "int4", 32) for _ in range(3)])
+        wires = torch.stack([ops.quantize(torch.randn(n, device=dev(device)), "int4", 32) for _ in range(3)])
         assert torch.equal(ops.reduce_quantized(wires, n, "int4", 32).cpu(), R.reduce_quantized(wires.cpu(), n, "int4", 32))
-    empty = torch.empty(0, ops.wire_bytes(40, "int8", 32), dtype=torch.uint8, device=device)
+    empty = torch.empty(0, ops.wire_bytes(40, "int8", 32), dtype=torch.uint8, device=dev(device))
     assert torch.equal(ops.reduce_quantized(empty, 40, "int8", 32).cpu(), torch.zeros(40))
     # the sum is in fixed rank order: the same wires give the same bits
-    wires = torch.stack([ops.quantize(torch.randn(999, device=device) * 10 ** r, "fp8_e5m2") for r in range(4)])
+    wires = torch.stack([ops.quantize(torch.randn(999, device=dev(device)) * 10 ** r, "fp8_e5m2") for r in range(4)])
     assert torch.equal(ops.reduce_quantized(wires, 999, "fp8_e5m2"), ops.reduce_quantized(wires, 999, "fp8_e5m2"))
 
 
 # ---- CPU and CUDA give the same bits ----
 
-@pytest.mark.parametrize("device", [d for d in devices() if d != "cpu"] or ["cuda"])
+@pytest.mark.cpu_vs_cuda
+@pytest.mark.parametrize("device", gpu_devices())
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cuda_bits_match_cpu(device, fmt):
+    """The CUDA kernels (on the GPU, or emulated) give the CPU kernels' bits: quantize (register-cached and two-pass
+    variants: block sizes 32..4096), the reduce and its requantize, dequantize-accumulate; aligned and unaligned
+    residual_out; sizes with partial blocks."""
+    d = dev(device)   # .to(d, copy=True): with the emulation d is the CPU, and the two sides must not share tensors
     for n in (1, 4096 * 3 + 17, 100003):
         for bs in (32, 256, 2048, 4096):
             for dtype in DTYPES:
                 x = _randn(n, dtype, "cpu", seed=n + bs)
                 r = torch.randn(n) * 0.1
-                rc = r.to(device)
-                r0 = r.to(device)
-                wc = ops.quantize(x.to(device), fmt, bs, stochastic=True, seed=9, offset=bs, residual=rc)
+                rc = r.to(d, copy=True)
+                r0 = r.to(d, copy=True)
+                with kernels(device):
+                    wc = ops.quantize(x.to(d, copy=True), fmt, bs, stochastic=True, seed=9, offset=bs, residual=rc)
                 w = ops.quantize(x, fmt, bs, stochastic=True, seed=9, offset=bs, residual=r)
                 assert torch.equal(wc.cpu(), w) and torch.equal(rc.cpu(), r), (n, bs, dtype)
-                ro = torch.full((n + 1,), float("nan"), device=device)[1:]   # out of place, unaligned
-                wo = ops.quantize(x.to(device), fmt, bs, stochastic=True, seed=9, offset=bs, residual=r0,
-                                  residual_out=ro)
+                ro = torch.full((n + 1,), float("nan"), device=d)[1:]   # out of place, unaligned
+                with kernels(device):
+                    wo = ops.quantize(x.to(d, copy=True), fmt, bs, stochastic=True, seed=9, offset=bs, residual=r0,
+                                      residual_out=ro)
                 assert torch.equal(wo.cpu(), w) and torch.equal(ro.cpu(), r), (n, bs, dtype)
             w2 = ops.quantize(_randn(n, torch.float32, "cpu", seed=n + bs + 1), fmt, bs)
             wires = torch.stack([w, w2, w])
-            assert torch.equal(ops.reduce_quantized(wires.to(device), n, fmt, bs).cpu(),
-                               ops.reduce_quantized(wires, n, fmt, bs))
+            with kernels(device):
+                got = ops.reduce_quantized(wires.to(d, copy=True), n, fmt, bs).cpu()
+            assert torch.equal(got, ops.reduce_quantized(wires, n, fmt, bs))
             r = torch.randn(n) * 0.1
-            rc, r0 = r.to(device), r.to(device)
-            wc = ops.reduce_quantized(wires.to(device), n, fmt, bs, scale=0.5, requantize=True, residual=rc,
-                                      stochastic=True, seed=1, offset=n)
+            rc, r0 = r.to(d, copy=True), r.to(d, copy=True)
+            with kernels(device):
+                wc = ops.reduce_quantized(wires.to(d, copy=True), n, fmt, bs, scale=0.5, requantize=True, residual=rc,
+                                          stochastic=True, seed=1, offset=n)
             w = ops.reduce_quantized(wires, n, fmt, bs, scale=0.5, requantize=True, residual=r, stochastic=True,
                                      seed=1, offset=n)
             assert torch.equal(wc.cpu(), w) and torch.equal(rc.cpu(), r), (n, bs)
-            buf = torch.full((w.numel() + 4,), 0xAB, dtype=torch.uint8, device=device)
-            ro = torch.full((n,), float("nan"), device=device)
-            ops.reduce_quantized(wires.to(device), n, fmt, bs, scale=0.5, requantize=True, residual=r0,
-                                 residual_out=ro, out=buf[4:], stochastic=True, seed=1, offset=n)
+            buf = torch.full((w.numel() + 4,), 0xAB, dtype=torch.uint8, device=d)
+            ro = torch.full((n,), float("nan"), device=d)
+            with kernels(device):
+                ops.reduce_quantized(wires.to(d, copy=True), n, fmt, bs, scale=0.5, requantize=True, residual=r0,
+                                     residual_out=ro, out=buf[4:], stochastic=True, seed=1, offset=n)
             assert torch.equal(buf[4:].cpu(), w) and torch.equal(ro.cpu(), r) and (buf[:4] == 0xAB).all()
-            d = torch.randn(n, dtype=torch.bfloat16)
-            dc = d.to(device)
-            ops.dequantize(wc, n, fmt, bs, out=dc, scale=0.25, accumulate=True)
-            ops.dequantize(w, n, fmt, bs, out=d, scale=0.25, accumulate=True)
-            assert torch.equal(dc.cpu(), d)
+            dd = torch.randn(n, dtype=torch.bfloat16)
+            dc = dd.to(d, copy=True)
+            with kernels(device):
+                ops.dequantize(wc, n, fmt, bs, out=dc, scale=0.25, accumulate=True)
+            ops.dequantize(w, n, fmt, bs, out=dd, scale=0.25, accumulate=True)
+            assert torch.equal(dc.cpu(), dd)
 
 
 _BASELINE_ISA_SCRIPT = """
@@ -509,35 +520,35 @@ def test_cpu_baseline_isa_matches_reference():
 # ---- torch.library contract ----
 
 def _opcheck_cases(device):
-    x = torch.randn(300, device=device)
+    x = torch.randn(300, device=dev(device))
     wire = ops.quantize(x, "int8", 64)
     w4 = ops.quantize(x, "int4", 32)
     wires = torch.stack([wire, wire])
     return [
-        (torch.ops.pyperf.quantize.default, (x, "int8", 64, True, 1, 2, torch.zeros(300, device=device))),
-        (torch.ops.pyperf.quantize.default, (x.bfloat16(), "fp8_e4m3", 32, False, 0, 0, None)),
-        (torch.ops.pyperf.quantize_into.default,
+        (lib(device).quantize.default, (x, "int8", 64, True, 1, 2, torch.zeros(300, device=dev(device)))),
+        (lib(device).quantize.default, (x.bfloat16(), "fp8_e4m3", 32, False, 0, 0, None)),
+        (lib(device).quantize_into.default,
          (x, "int4", 32, False, 0, 0, None, torch.empty(ops.wire_bytes(300, "int4", 32), dtype=torch.uint8,
-                                                        device=device))),
-        (torch.ops.pyperf.dequantize.default, (wire, 300, "int8", 64, torch.bfloat16, 0.5)),
-        (torch.ops.pyperf.dequantize_into.default, (w4, 300, "int4", 32, 2.0, True, torch.randn(300, device=device))),
-        (torch.ops.pyperf.reduce_quantized.default, (wires, 300, "int8", 64, 0.5, torch.float32)),
-        (torch.ops.pyperf.reduce_requantize.default,
-         (wires, 300, "int8", 64, 0.5, True, 3, 4, torch.zeros(300, device=device))),
+                                                        device=dev(device)))),
+        (lib(device).dequantize.default, (wire, 300, "int8", 64, torch.bfloat16, 0.5)),
+        (lib(device).dequantize_into.default, (w4, 300, "int4", 32, 2.0, True, torch.randn(300, device=dev(device)))),
+        (lib(device).reduce_quantized.default, (wires, 300, "int8", 64, 0.5, torch.float32)),
+        (lib(device).reduce_requantize.default,
+         (wires, 300, "int8", 64, 0.5, True, 3, 4, torch.zeros(300, device=dev(device)))),
         # residual_out: the new residual out of place (residual only read, or None: zeros)
-        (torch.ops.pyperf.quantize.default,
-         (x, "int8", 64, True, 1, 2, torch.randn(300, device=device), torch.zeros(300, device=device))),
-        (torch.ops.pyperf.quantize.default, (x.half(), "fp8_e5m2", 64, False, 1, 2, None, torch.zeros(300, device=device))),
-        (torch.ops.pyperf.quantize_into.default,
-         (x, "int4", 32, True, 0, 0, torch.randn(300, device=device), torch.empty(ops.wire_bytes(300, "int4", 32),
-          dtype=torch.uint8, device=device), torch.zeros(300, device=device))),
-        (torch.ops.pyperf.reduce_requantize.default,
-         (wires, 300, "int8", 64, 0.5, False, 3, 4, torch.randn(300, device=device), torch.zeros(300, device=device))),
-        (torch.ops.pyperf.reduce_requantize_into.default,
+        (lib(device).quantize.default,
+         (x, "int8", 64, True, 1, 2, torch.randn(300, device=dev(device)), torch.zeros(300, device=dev(device)))),
+        (lib(device).quantize.default, (x.half(), "fp8_e5m2", 64, False, 1, 2, None, torch.zeros(300, device=dev(device)))),
+        (lib(device).quantize_into.default,
+         (x, "int4", 32, True, 0, 0, torch.randn(300, device=dev(device)), torch.empty(ops.wire_bytes(300, "int4", 32),
+          dtype=torch.uint8, device=dev(device)), torch.zeros(300, device=dev(device)))),
+        (lib(device).reduce_requantize.default,
+         (wires, 300, "int8", 64, 0.5, False, 3, 4, torch.randn(300, device=dev(device)), torch.zeros(300, device=dev(device)))),
+        (lib(device).reduce_requantize_into.default,
          (wires, 300, "int8", 64, 0.5, True, 3, 4, None, torch.empty_like(wire))),
-        (torch.ops.pyperf.reduce_requantize_into.default,
-         (wires, 300, "int8", 64, 0.5, True, 3, 4, torch.randn(300, device=device), torch.empty_like(wire),
-          torch.zeros(300, device=device))),
+        (lib(device).reduce_requantize_into.default,
+         (wires, 300, "int8", 64, 0.5, True, 3, 4, torch.randn(300, device=dev(device)), torch.empty_like(wire),
+          torch.zeros(300, device=dev(device)))),
     ]
 
 
@@ -550,11 +561,11 @@ def test_opcheck(device):
 @pytest.mark.parametrize("device", devices())
 def test_opcheck_residual_is_residual_out(device):
     # the in-place form spelled out of place: one tensor for both mutable arguments
-    x = torch.randn(300, device=device)
-    r = torch.randn(300, device=device)
+    x = torch.randn(300, device=dev(device))
+    r = torch.randn(300, device=dev(device))
     wires = torch.stack([ops.quantize(x, "int8", 64)] * 2)
-    torch.library.opcheck(torch.ops.pyperf.quantize.default, (x, "int8", 64, True, 1, 2, r, r))
-    torch.library.opcheck(torch.ops.pyperf.reduce_requantize.default, (wires, 300, "int8", 64, 0.5, True, 3, 4, r, r))
+    torch.library.opcheck(lib(device).quantize.default, (x, "int8", 64, True, 1, 2, r, r))
+    torch.library.opcheck(lib(device).reduce_requantize.default, (wires, 300, "int8", 64, 0.5, True, 3, 4, r, r))
 
 
 def test_torch_compile_fullgraph():
@@ -684,9 +695,9 @@ def test_bad_residual_out_and_out_errors():
     assert (r == 0).all()                           # nothing was written by a rejected call
 
 
-@pytest.mark.parametrize("device", [d for d in devices() if d != "cpu"] or ["cuda"])
+@pytest.mark.parametrize("device", ["cuda"])   # the emulation computes on CPU tensors: no device to mismatch
 def test_residual_out_and_out_device_errors(device):
-    x = torch.randn(100, device=device)
+    x = torch.randn(100, device=dev(device))
     wires = torch.stack([ops.quantize(x, "int8", 32)] * 2)
     with pytest.raises(RuntimeError, match="residual_out: expected a tensor on"):
         ops.quantize(x, "int8", 32, residual_out=torch.zeros(100))

@@ -5,7 +5,7 @@ dtype, every error-feedback form, poisoned outputs; opcheck and the error messag
 import pytest
 import torch
 
-from conftest import devices, stable_seed
+from conftest import dev, devices, gpu_devices, kernels, lib, stable_seed
 from pyperf import _reference as R
 from pyperf import ops
 
@@ -23,7 +23,7 @@ def _tensors(shapes, dtype, device, seed):
         for d in s:
             n *= d
         x = torch.randn(n, generator=g) * 3 * torch.exp2(torch.randint(-6, 3, (n,), generator=g).float())
-        out.append(x.reshape(s).to(dtype).to(device))
+        out.append(x.reshape(s).to(dtype).to(dev(device)))
     return out
 
 
@@ -32,7 +32,7 @@ def _padded(shapes, bs):
 
 
 def _poisoned_wire(nbytes, device):
-    return torch.full((nbytes,), 0xAB, dtype=torch.uint8, device=device)
+    return torch.full((nbytes,), 0xAB, dtype=torch.uint8, device=dev(device))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -44,15 +44,15 @@ def test_quantize_tensors_matches_pack_then_quantize(device, fmt, dtype, ef):
         xs = _tensors(SHAPES, dtype, device, stable_seed(fmt, str(dtype), ef, bs))
         n = _padded(SHAPES, bs)
         nbytes = ops.wire_bytes(n, fmt, bs)
-        r0 = torch.randn(n, generator=torch.Generator().manual_seed(bs)).to(device) * 0.01
+        r0 = torch.randn(n, generator=torch.Generator().manual_seed(bs)).to(dev(device)) * 0.01
         res = {"none": None, "in_place": r0.clone(), "out_of_place": r0.clone(), "zeros_out": None}[ef]
-        res_out = torch.full((n,), float("nan"), device=device) if ef in ("out_of_place", "zeros_out") else None
+        res_out = torch.full((n,), float("nan"), device=dev(device)) if ef in ("out_of_place", "zeros_out") else None
         want_res = None if ef == "none" else (r0.clone() if ef != "zeros_out" else None)
-        want_out = torch.empty(n, device=device) if ef == "zeros_out" else None
+        want_out = torch.empty(n, device=dev(device)) if ef == "zeros_out" else None
 
         got = ops.quantize_tensors(xs, fmt, bs, out=_poisoned_wire(nbytes, device), residual=res,
                                    residual_out=res_out)
-        packed = ops.pack(xs, out_dtype=torch.float32, align=bs) if xs else torch.zeros(0, device=device)
+        packed = ops.pack(xs, out_dtype=torch.float32, align=bs) if xs else torch.zeros(0, device=dev(device))
         want = ops.quantize(packed, fmt, bs, residual=want_res, residual_out=want_out)
         ref = R.quantize_tensors([x.cpu() for x in xs], fmt, bs, out=torch.empty(nbytes, dtype=torch.uint8),
                                  residual=None if want_res is None or ef == "none" else r0.cpu().clone(),
@@ -75,9 +75,9 @@ def test_dequantize_tensors_matches_dequantize_then_unpack(device, fmt, dtype):
             src = _tensors(SHAPES, torch.float32, device, stable_seed(fmt, bs))
             n = _padded(SHAPES, bs)
             wire = ops.quantize_tensors(src, fmt, bs, out=_poisoned_wire(ops.wire_bytes(n, fmt, bs), device))
-            outs = [torch.full(s, float("nan"), dtype=dtype, device=device) for s in SHAPES]
+            outs = [torch.full(s, float("nan"), dtype=dtype, device=dev(device)) for s in SHAPES]
             ops.dequantize_tensors(wire, outs, fmt, bs, scale=scale)
-            want = [torch.empty(s, dtype=dtype, device=device) for s in SHAPES]
+            want = [torch.empty(s, dtype=dtype, device=dev(device)) for s in SHAPES]
             ops.unpack(ops.dequantize(wire, n, fmt, bs, scale=scale), want, align=bs)
             ref = [torch.empty(s, dtype=dtype) for s in SHAPES]
             R.dequantize_tensors(wire.cpu(), ref, fmt, bs, scale=scale)
@@ -95,18 +95,18 @@ def test_reduce_quantized_tensors_matches_reduce_then_unpack(device, fmt, dtype)
         wires = torch.stack([ops.quantize_tensors(_tensors(SHAPES, dtype, device, stable_seed(fmt, bs, r)), fmt, bs,
                                                   out=_poisoned_wire(nbytes, device)) for r in range(W)])
         for scale in (1.0, 1.0 / W, -0.75):
-            outs = [torch.full(s, float("nan"), dtype=dtype, device=device) for s in SHAPES]
+            outs = [torch.full(s, float("nan"), dtype=dtype, device=dev(device)) for s in SHAPES]
             ops.reduce_quantized_tensors(wires, outs, fmt, bs, scale=scale)
-            want = [torch.empty(s, dtype=dtype, device=device) for s in SHAPES]
+            want = [torch.empty(s, dtype=dtype, device=dev(device)) for s in SHAPES]
             ops.unpack(ops.reduce_quantized(wires, n, fmt, bs, scale=scale), want, align=bs)
             ref = [torch.empty(s, dtype=dtype) for s in SHAPES]
             R.reduce_quantized_tensors(wires.cpu(), ref, fmt, bs, scale=scale)
             for o, w, r in zip(outs, want, ref):
                 assert torch.equal(o, w) and torch.equal(o.cpu(), r), (bs, W, scale, o.shape)
         # rows spaced further apart (the wire is a column slice of a gather buffer with more after each wire)
-        wide = torch.full((W, nbytes + 12), 0xCD, dtype=torch.uint8, device=device)
+        wide = torch.full((W, nbytes + 12), 0xCD, dtype=torch.uint8, device=dev(device))
         wide[:, :nbytes] = wires
-        outs = [torch.full(s, float("nan"), dtype=dtype, device=device) for s in SHAPES]
+        outs = [torch.full(s, float("nan"), dtype=dtype, device=dev(device)) for s in SHAPES]
         ops.reduce_quantized_tensors(wide[:, :nbytes], outs, fmt, bs, scale=0.5)
         ops.unpack(ops.reduce_quantized(wires, n, fmt, bs, scale=0.5), want, align=bs)
         assert all(torch.equal(o, w) for o, w in zip(outs, want)), (bs, W, "strided rows")
@@ -118,10 +118,10 @@ def test_non_finite_values_come_through(device):
     xs[0][7] = float("inf")
     xs[1][3] = float("nan")
     n = _padded([(300,), (40,)], 64)
-    res = torch.zeros(n, device=device)
+    res = torch.zeros(n, device=dev(device))
     wire = ops.quantize_tensors(xs, "int8", 64, out=_poisoned_wire(ops.wire_bytes(n, "int8", 64), device),
                                 residual=res)
-    outs = [torch.zeros(300, device=device), torch.zeros(40, device=device)]
+    outs = [torch.zeros(300, device=dev(device)), torch.zeros(40, device=dev(device))]
     ops.dequantize_tensors(wire, outs, "int8", 64)
     assert not torch.isfinite(outs[0][:64]).all() and not torch.isfinite(outs[1]).all()
     assert torch.isfinite(outs[0][64:]).all()             # only the blocks holding inf/nan
@@ -132,34 +132,34 @@ def test_non_finite_values_come_through(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_empty_list(device):
-    wire = torch.empty(0, dtype=torch.uint8, device=device)
+    wire = torch.empty(0, dtype=torch.uint8, device=dev(device))
     assert ops.quantize_tensors([], "int8", 64, out=wire).numel() == 0
     ops.dequantize_tensors(wire, [], "int8", 64)
-    ops.quantize_tensors([torch.empty(0, device=device)], "int4", 64, out=wire)
+    ops.quantize_tensors([torch.empty(0, device=dev(device))], "int4", 64, out=wire)
 
 
 @pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
-    xs = [torch.randn(100, device=device), torch.randn(3, 50, device=device)]
+    xs = [torch.randn(100, device=dev(device)), torch.randn(3, 50, device=dev(device))]
     n = _padded([(100,), (3, 50)], 64)
     nbytes = ops.wire_bytes(n, "int8", 64)
-    wire = ops.quantize_tensors(xs, "int8", 64, out=torch.empty(nbytes, dtype=torch.uint8, device=device))
+    wire = ops.quantize_tensors(xs, "int8", 64, out=torch.empty(nbytes, dtype=torch.uint8, device=dev(device)))
     cases = [
-        (torch.ops.pyperf.quantize_tensors_into.default,
-         (xs, "int8", 64, None, torch.empty(nbytes, dtype=torch.uint8, device=device))),
-        (torch.ops.pyperf.quantize_tensors_into.default,
-         (xs, "int8", 64, torch.randn(n, device=device), torch.empty(nbytes, dtype=torch.uint8, device=device))),
-        (torch.ops.pyperf.quantize_tensors_into.default,
-         ([x.bfloat16() for x in xs], "int8", 64, torch.randn(n, device=device),
-          torch.empty(nbytes, dtype=torch.uint8, device=device), torch.zeros(n, device=device))),
-        (torch.ops.pyperf.dequantize_tensors_.default,
-         (wire, "int8", 64, 0.5, [torch.empty(100, device=device), torch.empty(3, 50, device=device)])),
-        (torch.ops.pyperf.dequantize_tensors_.default,
-         (wire, "int8", 64, 1.0, [torch.empty(100, dtype=torch.half, device=device),
-                                  torch.empty(3, 50, dtype=torch.half, device=device)])),
-        (torch.ops.pyperf.reduce_quantized_tensors_.default,
-         (torch.stack([wire, wire]), "int8", 64, 0.5, [torch.empty(100, device=device),
-                                                       torch.empty(3, 50, device=device)])),
+        (lib(device).quantize_tensors_into.default,
+         (xs, "int8", 64, None, torch.empty(nbytes, dtype=torch.uint8, device=dev(device)))),
+        (lib(device).quantize_tensors_into.default,
+         (xs, "int8", 64, torch.randn(n, device=dev(device)), torch.empty(nbytes, dtype=torch.uint8, device=dev(device)))),
+        (lib(device).quantize_tensors_into.default,
+         ([x.bfloat16() for x in xs], "int8", 64, torch.randn(n, device=dev(device)),
+          torch.empty(nbytes, dtype=torch.uint8, device=dev(device)), torch.zeros(n, device=dev(device)))),
+        (lib(device).dequantize_tensors_.default,
+         (wire, "int8", 64, 0.5, [torch.empty(100, device=dev(device)), torch.empty(3, 50, device=dev(device))])),
+        (lib(device).dequantize_tensors_.default,
+         (wire, "int8", 64, 1.0, [torch.empty(100, dtype=torch.half, device=dev(device)),
+                                  torch.empty(3, 50, dtype=torch.half, device=dev(device))])),
+        (lib(device).reduce_quantized_tensors_.default,
+         (torch.stack([wire, wire]), "int8", 64, 0.5, [torch.empty(100, device=dev(device)),
+                                                       torch.empty(3, 50, device=dev(device))])),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -207,28 +207,35 @@ def test_bad_input_errors():
                                      64)
 
 
-@pytest.mark.parametrize("device", [d for d in devices() if d != "cpu"] or ["cuda"])
+@pytest.mark.cpu_vs_cuda
+@pytest.mark.parametrize("device", gpu_devices())
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cuda_bits_match_cpu(device, fmt):
+    """CUDA (on the GPU, or emulated; composed there of pack + quantize and dequantize / reduce + unpack) against the
+    fused CPU kernels, bit for bit: empty and partial-block tensors, a list spanning several blocks of 4096."""
+    d = dev(device)   # .to(d, copy=True): with the emulation d is the CPU, and the two sides must not share tensors
     shapes = SHAPES + [(4096 * 3 + 17,)]
     for bs in (32, 256, 4096):
         for dtype in DTYPES:
             xs = _tensors(shapes, dtype, "cpu", stable_seed("cuda", fmt, bs, str(dtype)))
             n = _padded(shapes, bs)
             r = torch.randn(n) * 0.1
-            rc = r.to(device)
-            ro = torch.full((n,), float("nan"), device=device)
+            rc = r.to(d, copy=True)
+            ro = torch.full((n,), float("nan"), device=d)
             nbytes = ops.wire_bytes(n, fmt, bs)
-            wc = ops.quantize_tensors([x.to(device) for x in xs], fmt, bs, out=_poisoned_wire(nbytes, device),
-                                      residual=rc, residual_out=ro)
+            with kernels(device):
+                wc = ops.quantize_tensors([x.to(d, copy=True) for x in xs], fmt, bs,
+                                          out=_poisoned_wire(nbytes, device), residual=rc, residual_out=ro)
             w = ops.quantize_tensors(xs, fmt, bs, out=_poisoned_wire(nbytes, "cpu"), residual=r)
             assert torch.equal(wc.cpu(), w) and torch.equal(ro.cpu(), r), (bs, dtype)
-            outs_c = [torch.full(s, float("nan"), dtype=dtype, device=device) for s in shapes]
+            outs_c = [torch.full(s, float("nan"), dtype=dtype, device=d) for s in shapes]
             outs = [torch.full(s, float("nan"), dtype=dtype) for s in shapes]
-            ops.dequantize_tensors(wc, outs_c, fmt, bs, scale=0.5)
+            with kernels(device):
+                ops.dequantize_tensors(wc, outs_c, fmt, bs, scale=0.5)
             ops.dequantize_tensors(w, outs, fmt, bs, scale=0.5)
             assert all(torch.equal(a.cpu(), b) for a, b in zip(outs_c, outs)), (bs, dtype)
             wires = torch.stack([w, w, w])
-            ops.reduce_quantized_tensors(wires.to(device), outs_c, fmt, bs, scale=1 / 3)
+            with kernels(device):
+                ops.reduce_quantized_tensors(wires.to(d, copy=True), outs_c, fmt, bs, scale=1 / 3)
             ops.reduce_quantized_tensors(wires, outs, fmt, bs, scale=1 / 3)
             assert all(torch.equal(a.cpu(), b) for a, b in zip(outs_c, outs)), (bs, dtype)
