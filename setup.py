@@ -6,6 +6,8 @@ no GPU is needed to build. Environment:
   TORCH_CUDA_ARCH_LIST     archs to build, default "8.0;9.0;10.0+PTX" (CI uses "9.0" for speed)
   CUDA_HOME                toolkit root; /usr/local/cuda is used when nvcc lives there and CUDA_HOME is unset
   MAX_JOBS                 parallel compile jobs (ninja)
+  PYPERF_SANITIZE=1        build with AddressSanitizer + UBSan (make test-cuda-emu: the CPU kernels' tests run under
+                           them; load with the sanitizer runtimes preloaded)
 The source list is csrc/sources.py, shared with CMakeLists.txt (which reads it through `python csrc/sources.py`).
 """
 import os
@@ -53,7 +55,7 @@ def want_cuda():
 
 def write_build_config(build_cuda, archs):
     """A generated header so _C can say what it is (pyperf.build_info())."""
-    gen = os.path.join(ROOT, "build", "generated")
+    gen = os.path.join(ROOT, "build", "generated-sanitize" if os.environ.get("PYPERF_SANITIZE") == "1" else "generated")
     os.makedirs(gen, exist_ok=True)
     path = os.path.join(gen, "pyperf_build_config.h")
     text = ("#pragma once\n"
@@ -87,8 +89,13 @@ def extensions():
     # break CPU/CUDA agreement of quantization and stochastic rounding. Kernels use fast intrinsics explicitly.
     nvcc = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr",
             "-DPYPERF_WITH_CUDA=1"]
+    link = []
+    if os.environ.get("PYPERF_SANITIZE") == "1":
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1"] + san
+        link += san
     common = dict(name="pyperf._C", sources=[os.path.relpath(s, ROOT) for s in srcs],
-                  include_dirs=include_dirs, py_limited_api=False)
+                  include_dirs=include_dirs, py_limited_api=False, extra_link_args=link)
     if build_cuda:
         cxx.append("-DPYPERF_WITH_CUDA=1")
         return [cpp_extension.CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)]
