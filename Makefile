@@ -52,7 +52,8 @@ cuda-emu: deps
 	$(VPY) csrc/emu/build.py
 
 # The emulated CUDA kernels and the CPU kernels, built with ASan + UBSan into $(SAN), and their tests run there
-# (any sanitizer report aborts the run); the C++ tests too.
+# (any sanitizer report aborts the run and is printed: --capture=sys leaves the C-level stderr alone); the C++
+# tests too.
 test-cuda-emu: deps
 	$(VPY) csrc/emu/build.py --sanitize --out $(SAN)
 	PYPERF_CUDA=0 PYPERF_SANITIZE=1 $(VPY) setup.py -q build_ext --build-lib $(SAN) --build-temp $(SAN)/temp-cpu
@@ -60,7 +61,7 @@ test-cuda-emu: deps
 	cmake -S . -B build/cmake-sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYPERF_SANITIZE=ON > /dev/null
 	cmake --build build/cmake-sanitize -j2
 	ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build/cmake-sanitize --output-on-failure
-	cd $(SAN) && $(SAN_ENV) PYPERF_TEST_ROOT=$(CURDIR)/$(SAN) $(CURDIR)/$(VPY) -m pytest -q -p no:cacheprovider \
+	cd $(SAN) && $(SAN_ENV) PYPERF_TEST_ROOT=$(abspath $(SAN)) $(abspath $(VPY)) -m pytest -q -p no:cacheprovider --capture=sys \
 	    $(addprefix $(CURDIR)/,$(KERNEL_TESTS))
 
 # Registers, shared memory and spills of every CUDA kernel (sm_90, from the objects `make build` compiled);

@@ -149,12 +149,14 @@ acc_t* reusable_scratch(size_t n, std::vector<std::byte>& oneoff) {
 
 constexpr int64_t kPage = 4096;
 
-// The first address at or after p whose offset in a 4 KiB page is that of `want`. A load whose address matches a
-// pending store's in the low 12 bits waits for it (4K aliasing); the row tensors (x, h, y; dy, saved, dx) are
-// page-aligned allocations walked in lockstep, so buffers used in the same loops sit a fixed distance away.
+// The first address at or after p whose offset in a 4 KiB page is that of `want`, rounded down to 16 bytes. A load
+// whose address matches a pending store's in the low 12 bits waits for it (4K aliasing); the row tensors (x, h, y;
+// dy, saved, dx) are page-aligned allocations walked in lockstep, so buffers used in the same loops sit a fixed
+// distance away. The rounding keeps the float buffers placed there aligned (a bf16 row's offset can be odd in
+// float units: UBSan's misaligned store), and p, from malloc, is 16-byte aligned.
 inline char* at_page_offset(char* p, uintptr_t want) {
   const uintptr_t have = reinterpret_cast<uintptr_t>(p);
-  return p + ((want - have) & (kPage - 1));
+  return p + (((want - have) & (kPage - 1)) & ~uintptr_t{15});
 }
 
 // A copy of v whose first element sits at the page offset of `want` (see at_page_offset), in `store`.

@@ -155,7 +155,7 @@ def main(argv=None):
     srcs = ([os.path.join(CSRC, "pyperf.cpp")] + sorted(
         os.path.join(CSRC, "autograd", f) for f in os.listdir(os.path.join(CSRC, "autograd")) if f.endswith(".cpp"))
         + [os.path.join(CSRC, "emu", "simt.cpp")] + generate(gen))
-    cxx = ["-std=c++20", "-g", "-O1", "-ffp-contract=off", "-fno-fast-math", "-DPYPERF_CUDA_EMU",
+    cxx = ["-std=c++20", "-g", "-O1", "-ffp-contract=off", "-fno-fast-math", "-DPYPERF_CUDA_EMU", "-Wno-unknown-pragmas",
            "-fvisibility=hidden"]
     link = []
     if args.sanitize:

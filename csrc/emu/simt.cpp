@@ -20,7 +20,7 @@
 
 namespace pyperf_emu {
 
-thread_local const BuiltIns* g_builtins = nullptr;
+__thread const BuiltIns* g_builtins = nullptr;
 
 namespace {
 
@@ -119,7 +119,11 @@ struct Thread {
   Context ctx;
   char* stack = nullptr;
   void* fake_stack = nullptr;
+  bool started = false;
 };
+
+// Thrown inside a fiber to unwind its stack (destroying what its frames hold) when its launch is abandoned.
+struct Unwind {};
 
 struct SharedVar {
   const void* key;
@@ -146,6 +150,7 @@ struct Emulator {
   const void* sched_stack_bottom = nullptr;
   size_t sched_stack_size = 0;
   uint64_t launches = 0;
+  bool unwinding = false;  // an abandoned launch: a resumed fiber unwinds instead of going on
 
   Emulator() {
     const size_t bytes = kStack * kMaxThreads;
@@ -205,6 +210,7 @@ std::string describe_wait(const Thread& t) {
 void fiber_entry();
 
 void resume(Emulator& e, Thread& t) {
+  t.started = true;
   e.running = &t;
   g_builtins = &t.b;
 #if defined(PYPERF_EMU_ASAN)
@@ -230,6 +236,7 @@ void yield(Emulator& e) {
 #else
   context_switch(t.ctx, e.sched);
 #endif
+  if (e.unwinding) throw Unwind{};
 }
 
 void fiber_entry() {
@@ -237,10 +244,24 @@ void fiber_entry() {
 #if defined(PYPERF_EMU_ASAN)
   __sanitizer_finish_switch_fiber(nullptr, &e.sched_stack_bottom, &e.sched_stack_size);
 #endif
-  e.body(e.ctx);
+  try {
+    e.body(e.ctx);
+  } catch (const Unwind&) {
+    // the launch was abandoned; this fiber's frames are gone now
+  }
   e.running->wait = Wait::kDone;
   yield(e);
   std::abort();  // a finished fiber is never resumed
+}
+
+// After an error: every fiber that started and has not finished is resumed once to unwind its stack.
+void abandon(Emulator& e) {
+  e.unwinding = true;
+  for (int i = 0; i < e.nthreads; ++i) {
+    Thread& t = e.threads[i];
+    if (t.started && t.wait != Wait::kDone) resume(e, t);
+  }
+  e.unwinding = false;
 }
 
 // ---- shuffles and barriers ----
@@ -332,6 +353,8 @@ void reset_shared(Emulator& e) {
   e.shared_vars.clear();
 }
 
+void run_threads(Emulator& e);
+
 void run_block(Emulator& e, uint3 bidx) {
   const LaunchConfig& c = *e.cfg;
   e.block_idx = bidx;
@@ -346,6 +369,7 @@ void run_block(Emulator& e, uint3 bidx) {
     t.lane = i % 32;
     t.warp = i / 32;
     t.wait = Wait::kReady;
+    t.started = false;
     t.fake_stack = nullptr;
     t.stack = e.stacks + static_cast<size_t>(i) * kStack;
 #if defined(PYPERF_EMU_ASAN)
@@ -354,6 +378,15 @@ void run_block(Emulator& e, uint3 bidx) {
 #endif
     context_make(t.ctx, t.stack + 4096, kStack - 4096, &fiber_entry);
   }
+  try {
+    run_threads(e);
+  } catch (const Error&) {
+    abandon(e);
+    throw;
+  }
+}
+
+void run_threads(Emulator& e) {
   int done = 0;
   while (done < e.nthreads) {
     bool ran = false;
@@ -421,9 +454,7 @@ void check_config(const LaunchConfig& c) {
   Emulator& e = emu();
   if (e.running == nullptr) throw Error("pyperf_emu: " + what);
   e.error = "pyperf_emu: " + kernel_name(e) + ": " + thread_str(e, *e.running) + ": " + what;
-  e.running->wait = Wait::kDone;
-  yield(e);
-  std::abort();  // the scheduler abandons the launch and never resumes this fiber
+  throw Unwind{};  // to fiber_entry, which finishes this fiber; the scheduler then abandons the launch
 }
 
 void kernel_entry(long long max_threads, const char* kernel) {

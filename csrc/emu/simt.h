@@ -78,7 +78,9 @@ struct BuiltIns {
   uint3 thread, block;
   dim3 block_dim, grid_dim;
 };
-extern thread_local const BuiltIns* g_builtins;
+// __thread, not thread_local: a plain TLS slot with no dynamic-initialization wrapper (GCC 12 with UBSan emitted a
+// wrong fast path through the thread_local wrapper of an extern variable: a stale register read as the pointer).
+extern __thread const BuiltIns* g_builtins;
 
 // Device-side operations of the running thread (simt.cpp).
 int barrier(bool or_reduce, int pred, Site site);
