@@ -32,6 +32,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
+from pyperf.comm.all_ranks import AllRanks
 from pyperf.comm.quantized import TwoShot, _all_gather, _forward, _q, check_format, mix_seed
 
 ALGORITHMS = ("auto", "two_shot", "all_gather")
@@ -402,14 +403,28 @@ class HookState:
             "stats": self.stats.as_dict(),
         }
 
+    def all_ranks(self):
+        """Every rank's state as one checkpointable object (pyperf.comm.all_ranks.AllRanks): its state_dict() is a
+        collective that returns the same dict, all ranks' states, on every rank; its load_state_dict() restores this
+        rank's part. For frameworks that save only the main process's state_dict():
+        accelerator.register_for_checkpointing(state.all_ranks())."""
+        return AllRanks(self, self.process_group)
+
     def load_state_dict(self, sd):
         for k in ("kind", "block_size", "world_size", "rank"):
             if sd[k] != getattr(self, k):
                 raise ValueError("load_state_dict: %s of the saved state is %r but this hook has %r (load the state "
                                  "saved by the same rank with the same options)" % (k, sd[k], getattr(self, k)))
         if list(sd["param_numels"]) != self._numels:
-            raise ValueError("load_state_dict: the saved state is for parameters of sizes %s, this model has %s"
-                             % (sd["param_numels"][:8], self._numels[:8]))
+            saved = list(sd["param_numels"])
+            i = next((i for i, (a, b) in enumerate(zip(saved, self._numels)) if a != b), min(len(saved),
+                                                                                             len(self._numels)))
+            raise ValueError("load_state_dict: the saved state is for another model: %d parameters, this model has "
+                             "%d; first difference at parameter %d (%s): %s elements saved, %s here"
+                             % (len(saved), len(self._numels), i,
+                                self._names[i] if i < len(self._names) else "none here",
+                                saved[i] if i < len(saved) else "none", self._numels[i] if i < len(self._numels)
+                                else "none"))
         self.iter = int(sd["iter"])
         self.seed = int(sd["seed"])
         self._step_nonfinite.clear()
