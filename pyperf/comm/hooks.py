@@ -37,6 +37,9 @@ from pyperf.comm.quantized import TwoShot, _all_gather, _forward, _q, check_form
 
 ALGORITHMS = ("auto", "two_shot", "all_gather")
 KINDS = ("allreduce", "bf16", "fp16", "int8", "int4", "fp8", "fp8_e4m3", "fp8_e5m2")
+# register()'s keyword options (HookState's keyword arguments)
+OPTIONS = ("block_size", "stochastic_rounding", "error_feedback", "start_iter", "min_numel", "seed", "skip_nonfinite",
+           "stats_every", "algorithm")
 _QUANT_FMT = {"int8": "int8", "int4": "int4", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -782,8 +785,7 @@ def register(ddp_model, kind, *, process_group=None, **options):
         if bad:
             raise TypeError("register: the %r hook supports float32, bfloat16 and float16 parameters, the model has "
                             "%s" % (kind, ", ".join(bad)))
-    unknown = set(options) - {"block_size", "stochastic_rounding", "error_feedback", "start_iter", "min_numel",
-                              "seed", "skip_nonfinite", "stats_every", "algorithm"}
+    unknown = set(options) - set(OPTIONS)
     if unknown:
         raise TypeError("register: unknown option(s) %s" % ", ".join(sorted(unknown)))
     state = HookState(kind, pg, [p for _, p in named], [n for n, _ in named], **options)
