@@ -1,6 +1,7 @@
 """state.all_ranks() / pyperf.comm.AllRanks: every rank's hook state in one dict (the same on every rank), written by
 one process as the frameworks do, restored per rank bit-identically; clear errors for another world size, another
 model, another state type or a single rank's dict."""
+import collections
 import os
 
 import pytest
@@ -110,3 +111,30 @@ def test_all_ranks_without_process_group_and_bad_input():
         AllRanks(object())
     with pytest.raises(ValueError, match="format version 99"):
         AllRanks(other).load_state_dict(dict(sd, version=99))
+
+
+class _Nested:
+    """A state whose state_dict nests tensors in the containers a user's state might use."""
+
+    Pair = collections.namedtuple("Pair", "a b")
+
+    def __init__(self):
+        self.loaded = None
+
+    def state_dict(self):
+        d = collections.defaultdict(list)
+        d["x"].append(torch.ones(2))
+        return collections.OrderedDict(t=torch.arange(3), pair=self.Pair(torch.zeros(1), [torch.ones(1), 5]),
+                                       d=d, s="s")
+
+    def load_state_dict(self, sd):
+        self.loaded = sd
+
+
+def test_all_ranks_copies_nested_containers():
+    from pyperf.comm import AllRanks
+    sd = AllRanks(_Nested()).state_dict()["ranks"][0]
+    assert isinstance(sd, collections.OrderedDict) and torch.equal(sd["t"], torch.arange(3)) and sd["s"] == "s"
+    assert isinstance(sd["pair"], _Nested.Pair) and sd["pair"].b[1] == 5 and torch.equal(sd["pair"].b[0],
+                                                                                           torch.ones(1))
+    assert type(sd["d"]) is dict and torch.equal(sd["d"]["x"][0], torch.ones(2))

@@ -13,6 +13,8 @@ and `load_state_dict(sd)` on each rank restores that rank's part.
 Cost: the dict holds world_size per-rank states (for the DDP hooks, about 4 bytes per parameter each) in CPU memory
 on every rank while it is being saved; see docs/integrations.md.
 """
+import collections
+
 import torch
 import torch.distributed as dist
 
@@ -26,8 +28,12 @@ def _to_cpu(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
-        return type(obj)((k, _to_cpu(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        # other dict subclasses (defaultdict: its first argument is a factory) come back as plain dicts
+        items = [(k, _to_cpu(v)) for k, v in obj.items()]
+        return collections.OrderedDict(items) if isinstance(obj, collections.OrderedDict) else dict(items)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):           # a namedtuple takes its fields as arguments
+        return type(obj)(*(_to_cpu(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
 
