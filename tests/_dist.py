@@ -52,11 +52,13 @@ def _entry(rank, fn, world_size, port, backend, err_dir, args):
 
 
 def _launched_entry(rank, fn, world_size, port, env, err_dir, args):
-    # what torchrun sets for each process; the framework under test initializes the process group from it
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-                       "GROUP_RANK": "0", "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(world_size),
-                       "TORCHELASTIC_RUN_ID": "pyperf-tests", "OMP_NUM_THREADS": "1"})
+    if env.pop("_as_torchrun"):
+        # what torchrun sets for each process; the framework under test initializes the process group from it
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                           "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                           "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
+                           "ROLE_WORLD_SIZE": str(world_size), "TORCHELASTIC_RUN_ID": "pyperf-tests"})
+    os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.update(env)
     torch.set_num_threads(1)
     try:
@@ -76,10 +78,13 @@ def _launched_entry(rank, fn, world_size, port, env, err_dir, args):
     os._exit(0)          # see _entry
 
 
-def launch_ranks(fn, world_size, *args, env=None):
+def launch_ranks(fn, world_size, *args, env=None, as_torchrun=True):
     """Like run_ranks, but each process starts as under torchrun (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...
-    plus `env`) with no process group: the code under test (a training framework) initializes it."""
-    _spawn(_launched_entry, fn, world_size, (dict(env or {}),), args)
+    plus `env`) with no process group: the code under test (a training framework) initializes it.
+    as_torchrun=False: none of torchrun's variables either (a plain `python script.py`)."""
+    if not as_torchrun and world_size != 1:
+        raise ValueError("as_torchrun=False: expected world_size 1, got %d" % world_size)
+    _spawn(_launched_entry, fn, world_size, (dict(env or {}, _as_torchrun=as_torchrun),), args)
 
 
 def _spawn(entry, fn, world_size, extra, args):

@@ -59,7 +59,8 @@ def _body(rank, W, out, phase):
         m = _module()
         state = train(m, ds, kind="int8", epochs=EPOCHS, save_dir=os.path.join(out, "resumed"), resume_from=_ckpt(out),
                       devices=W, **TRAINER_KW)
-        rec = dict(losses=m.losses, stats=state.stats.as_dict(), params=[p.detach().clone() for p in m.net.parameters()])
+        rec = dict(losses=m.losses, stats=state.stats.as_dict(),
+                   params=[p.detach().clone() for p in m.net.parameters()])
     else:                           # 4 ranks resume the 2-rank checkpoint
         with pytest.raises(ValueError, match=r"CommHook: cannot restore the hook state from the checkpoint: .*"
                                              r"HookState of 2 ranks, this run has 4.*delete checkpoint\['callbacks'\]"
@@ -91,3 +92,19 @@ def test_lightning_comm_hook_arguments():
         CommHook("int3")
     with pytest.raises(TypeError, match="CommHook: unknown option.* blocksize"):
         CommHook("int8", blocksize=64)
+
+
+def _body_single(rank, W, out):
+    import lightning as L
+
+    from pyperf.integrations.lightning import CommHook
+    hook = CommHook("int8")
+    trainer = L.Trainer(max_epochs=1, callbacks=[hook], default_root_dir=out, **TRAINER_KW)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*I.data(64)), batch_size=16)
+    with pytest.warns(UserWarning, match="CommHook: a single process has no DistributedDataParallel model"):
+        trainer.fit(_module(), loader)
+    assert hook.state is None and hook.state_dict() == {}
+
+
+def test_lightning_single_process_warns(tmp_path):
+    launch_ranks(_body_single, 1, str(tmp_path), as_torchrun=False)

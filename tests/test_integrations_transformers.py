@@ -73,7 +73,8 @@ def _body(rank, W, out, phase):
         state = train(m, ds, kind="int8", steps=STEPS, output_dir=os.path.join(out, "run"),
                       resume_from=os.path.join(out, "run", "checkpoint-%d" % SAVE_AT), **ARGS_KW)
         assert len(without) == len(m.losses) and without != m.losses
-        rec = dict(losses=m.losses, stats=state.stats.as_dict(), params=[p.detach().clone() for p in m.net.parameters()])
+        rec = dict(losses=m.losses, stats=state.stats.as_dict(),
+                   params=[p.detach().clone() for p in m.net.parameters()])
     I.record(os.path.join(out, "%s_rank%d.pt" % (phase, rank)), **rec)
 
 
@@ -100,3 +101,14 @@ def test_transformers_callback_arguments():
         CommHookCallback("int8", blocksize=64)
     with pytest.raises(RuntimeError, match="no transformers.Trainer.train.. on the call stack"):
         cb.on_train_begin(None, None, None)
+
+
+def _body_single(rank, W, out):
+    train = I.recipe("transformers")["train"]
+    with pytest.warns(UserWarning, match="CommHookCallback: a single process has no DistributedDataParallel model"):
+        state = train(_Regression(), _Pairs(), kind="int8", steps=2, output_dir=out, **ARGS_KW)
+    assert state is None
+
+
+def test_transformers_single_process_warns(tmp_path):
+    launch_ranks(_body_single, 1, str(tmp_path), env=ENV, as_torchrun=False)

@@ -41,8 +41,8 @@ class CommHook(_pl.Callback):
     checkpointing runs on every rank). `trainer.fit(..., ckpt_path=...)` restores it: resume is bit-identical.
 
     state: the pyperf HookState once fit has started (its .stats), None before.
-    A single-process run has no DDP model: the callback warns and does nothing. Other distributed strategies
-    (FSDP, DeepSpeed) raise."""
+    Without a DDP model (one device, strategy "auto") the callback warns and does nothing. Other distributed
+    strategies (FSDP, DeepSpeed) raise."""
 
     def __init__(self, kind, **options):
         self._keeper = HookKeeper("CommHook", kind, options,

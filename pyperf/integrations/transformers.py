@@ -52,11 +52,13 @@ class CommHookCallback(TrainerCallback):
     zero residuals.
 
     state: the pyperf HookState once training has begun (its .stats), None before.
-    A single-process run has no DDP model: the callback warns and does nothing. FSDP and DeepSpeed raise."""
+    A single process started without a launcher has no DDP model: the callback warns and does nothing. FSDP and
+    DeepSpeed raise."""
 
     def __init__(self, kind, **options):
         self._keeper = HookKeeper("CommHookCallback", kind, options,
-                                  fresh_hint="to start the hook afresh, delete %s from the checkpoint folder" % FILENAME)
+                                  fresh_hint="to start the hook afresh, delete %s from the checkpoint folder"
+                                             % FILENAME)
 
     @property
     def kind(self):
