@@ -419,15 +419,14 @@ class HookState:
                 raise ValueError("load_state_dict: %s of the saved state is %r but this hook has %r (load the state "
                                  "saved by the same rank with the same options)" % (k, sd[k], getattr(self, k)))
         if list(sd["param_numels"]) != self._numels:
-            saved = list(sd["param_numels"])
-            i = next((i for i, (a, b) in enumerate(zip(saved, self._numels)) if a != b), min(len(saved),
-                                                                                             len(self._numels)))
+            saved, here = list(sd["param_numels"]), self._numels
+            i = next((i for i, (a, b) in enumerate(zip(saved, here)) if a != b), min(len(saved), len(here)))
+
+            def at(seq):
+                return seq[i] if i < len(seq) else "none"
             raise ValueError("load_state_dict: the saved state is for another model: %d parameters, this model has "
                              "%d; first difference at parameter %d (%s): %s elements saved, %s here"
-                             % (len(saved), len(self._numels), i,
-                                self._names[i] if i < len(self._names) else "none here",
-                                saved[i] if i < len(saved) else "none", self._numels[i] if i < len(self._numels)
-                                else "none"))
+                             % (len(saved), len(here), i, at(self._names), at(saved), at(here)))
         self.iter = int(sd["iter"])
         self.seed = int(sd["seed"])
         self._step_nonfinite.clear()
