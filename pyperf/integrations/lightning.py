@@ -12,6 +12,8 @@ the hook state would not be in the checkpoints, which Lightning writes from rank
 """
 import sys
 
+from torch.nn.parallel import DistributedDataParallel as DDP
+
 from pyperf.integrations._keeper import HookKeeper, framework_missing
 
 # The unified package (lightning.pytorch) unless only the standalone one (pytorch_lightning) is in use: the base
@@ -62,7 +64,6 @@ class CommHook(_pl.Callback):
         return self._keeper.state
 
     def on_fit_start(self, trainer, pl_module):
-        from torch.nn.parallel import DistributedDataParallel as DDP
         strategy = trainer.strategy
         if getattr(strategy, "_ddp_comm_hook", None) is not None:
             raise ValueError("CommHook: the DDPStrategy has its own ddp_comm_hook too; DDP takes one comm hook per "

@@ -14,6 +14,9 @@ import os
 import sys
 import warnings
 
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
 from pyperf.integrations._keeper import HookKeeper, framework_missing
 
 try:
@@ -73,7 +76,6 @@ class CommHookCallback(TrainerCallback):
         return self._keeper.state
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from torch.nn.parallel import DistributedDataParallel as DDP
         trainer, resume, _ = _running_train()
         model = trainer.model_wrapped
         if not isinstance(model, DDP):
@@ -91,7 +93,6 @@ class CommHookCallback(TrainerCallback):
         if resume:
             path = os.path.join(resume, FILENAME)
             if os.path.isfile(path):
-                import torch
                 # mmap: each rank pages in its own part only, not every rank's
                 self._keeper.load(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
             elif args.process_index == 0:
@@ -112,7 +113,6 @@ class CommHookCallback(TrainerCallback):
         if not os.path.isdir(folder):
             raise RuntimeError("CommHookCallback: the Trainer's checkpoint folder %s does not exist; cannot save the "
                                "pyperf hook state next to it" % folder)
-        import torch
         torch.save(sd, os.path.join(folder, FILENAME))
 
     def __repr__(self):
