@@ -32,10 +32,14 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
+from pyperf.comm.all_ranks import AllRanks
 from pyperf.comm.quantized import TwoShot, _all_gather, _forward, _q, check_format, mix_seed
 
 ALGORITHMS = ("auto", "two_shot", "all_gather")
 KINDS = ("allreduce", "bf16", "fp16", "int8", "int4", "fp8", "fp8_e4m3", "fp8_e5m2")
+# register()'s keyword options (HookState's keyword arguments)
+OPTIONS = ("block_size", "stochastic_rounding", "error_feedback", "start_iter", "min_numel", "seed", "skip_nonfinite",
+           "stats_every", "algorithm")
 _QUANT_FMT = {"int8": "int8", "int4": "int4", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -402,14 +406,27 @@ class HookState:
             "stats": self.stats.as_dict(),
         }
 
+    def all_ranks(self):
+        """Every rank's state as one checkpointable object (pyperf.comm.all_ranks.AllRanks): its state_dict() is a
+        collective that returns the same dict, all ranks' states, on every rank; its load_state_dict() restores this
+        rank's part. For frameworks that save only the main process's state_dict():
+        accelerator.register_for_checkpointing(state.all_ranks())."""
+        return AllRanks(self, self.process_group)
+
     def load_state_dict(self, sd):
         for k in ("kind", "block_size", "world_size", "rank"):
             if sd[k] != getattr(self, k):
                 raise ValueError("load_state_dict: %s of the saved state is %r but this hook has %r (load the state "
                                  "saved by the same rank with the same options)" % (k, sd[k], getattr(self, k)))
         if list(sd["param_numels"]) != self._numels:
-            raise ValueError("load_state_dict: the saved state is for parameters of sizes %s, this model has %s"
-                             % (sd["param_numels"][:8], self._numels[:8]))
+            saved, here = list(sd["param_numels"]), self._numels
+            i = next((i for i, (a, b) in enumerate(zip(saved, here)) if a != b), min(len(saved), len(here)))
+
+            def at(seq):
+                return seq[i] if i < len(seq) else "none"
+            raise ValueError("load_state_dict: the saved state is for another model: %d parameters, this model has "
+                             "%d; first difference at parameter %d (%s): %s elements saved, %s here"
+                             % (len(saved), len(here), i, at(self._names), at(saved), at(here)))
         self.iter = int(sd["iter"])
         self.seed = int(sd["seed"])
         self._step_nonfinite.clear()
@@ -767,8 +784,7 @@ def register(ddp_model, kind, *, process_group=None, **options):
         if bad:
             raise TypeError("register: the %r hook supports float32, bfloat16 and float16 parameters, the model has "
                             "%s" % (kind, ", ".join(bad)))
-    unknown = set(options) - {"block_size", "stochastic_rounding", "error_feedback", "start_iter", "min_numel",
-                              "seed", "skip_nonfinite", "stats_every", "algorithm"}
+    unknown = set(options) - set(OPTIONS)
     if unknown:
         raise TypeError("register: unknown option(s) %s" % ", ".join(sorted(unknown)))
     state = HookState(kind, pg, [p for _, p in named], [n for n, _ in named], **options)
