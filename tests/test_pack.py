@@ -1,4 +1,10 @@
-"""pack / unpack / multi_tensor_l2norm against pyperf/_reference.py, on fresh random inputs."""
+"""pack / unpack / multi_tensor_l2norm against pyperf/_reference.py, on fresh random inputs.
+
+On the CUDA kernels (device "cuda", or "emu": the same kernels under the SIMT emulation): "many" (200 tensors)
+takes several multi-tensor-apply launches (64 tensors per launch) and carries a tensor across launches; the 1M and
+65537-element tensors span several 64K chunks; align 1, 3 and 5 put tensors off the 16-byte vector path (scalar
+copies), align 4, 8, 16 and 64 keep them on it, with scalar tails for the odd sizes; the l2norm tests run the
+per-chunk partials and the one-block finalize kernel, with non-finite values in a middle chunk."""
 import itertools
 import math
 

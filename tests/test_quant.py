@@ -1,6 +1,12 @@
 """Blockwise quantization ops (pyperf.ops.quantize / dequantize / reduce_quantized) against the bit-exact oracle in
 pyperf/_reference.py: every format and input dtype, odd sizes, stochastic rounding, error feedback, non-finite
-blocks, the fused reduce, opcheck and the error messages. CUDA cases also check CPU/CUDA bit identity."""
+blocks, the fused reduce, opcheck and the error messages. CUDA cases also check CPU/CUDA bit identity.
+
+On the CUDA kernels (device "cuda", or "emu": the same kernels under the SIMT emulation) the block sizes reach every
+quantize variant: lanes per quant block 8 (bs 32) or 32; steps per lane cached in registers 1, 2, 4 and 8 (int8/fp8
+bs 256..1024; int4 bs 512/1024 from fp32) or re-read in two passes (bs 2048, 4096; int4 bs 1024 from bf16/fp16);
+SIZES and the odd n of the bit test give partial last blocks and scalar tails; residual_out off the vector alignment
+takes the scalar residual stores; the reduce's requantize runs the same kernel with its wire-sum source."""
 import math
 import os
 import subprocess
@@ -439,7 +445,7 @@ def test_cuda_bits_match_cpu(device, fmt):
     residual_out; sizes with partial blocks."""
     d = dev(device)   # .to(d, copy=True): with the emulation d is the CPU, and the two sides must not share tensors
     for n in (1, 4096 * 3 + 17, 100003):
-        for bs in (32, 256, 2048, 4096):
+        for bs in (32, 256, 512, 1024, 2048, 4096):
             for dtype in DTYPES:
                 x = _randn(n, dtype, "cpu", seed=n + bs)
                 r = torch.randn(n) * 0.1
