@@ -41,9 +41,15 @@ class _Net(nn.Module):
             self.frozen = nn.Linear(29, 37)
             self.frozen.requires_grad_(False)
         self.use_side = True
+        self.poison = False
 
     def forward(self, x):
-        h = torch.tanh(self.a(x))
+        h = self.a(x)
+        if self.poison and h.requires_grad:
+            # inf in the gradient of a's output feature 66 only: a.weight row 66 and a.bias[66], which lie in the
+            # last rank's shard; every other gradient stays finite
+            h.register_hook(lambda g: g.index_fill(1, torch.tensor([66]), float("inf")))
+        h = torch.tanh(h)
         h = torch.tanh(self.b(h)) * self.one
         if hasattr(self, "frozen"):
             h = h + 0.1 * self.frozen(x)
@@ -229,3 +235,272 @@ def test_kinds_ops_exact_modes_2_ranks():
 
 def test_kinds_ops_exact_4_ranks():
     run_ranks(_run_all, 4, [(_body_exact, ()), (_body_kinds_ops, (("int8", "int4", "fp8", "bf16", "fp16"),))])
+
+
+# ---- error feedback, GradScaler ---------------------------------------------------------------------------------
+def _grad_sum(kind, rank, steps, **hook_kw):
+    """Sum of the sharded gradients over `steps` steps of the same model (no update): error feedback makes the
+    sum of what was sent converge to the sum of the gradients."""
+    m = _net()
+    st = None
+    if kind is not None:
+        import pyperf.fsdp
+        st = pyperf.fsdp.register(m, kind, **dict(dict(block_size=32, min_numel=0), **hook_kw))
+    tot = None
+    rmax = 0.0
+    for step in range(steps):
+        m.zero_grad(set_to_none=True)
+        _loss(m, *_batch(rank, step)).backward()
+        g = torch.cat([v.reshape(-1) for v in _local_grads(m).values()])
+        tot = g if tot is None else tot + g
+        if st is not None and st.error_feedback:
+            rmax = max(rmax, max(float(v.abs().max()) for v in st.state_dict()["residual"].values()))
+    return tot, rmax
+
+
+def _body_error_feedback(rank, W):
+    exact, _ = _grad_sum(None, rank, 30)
+    gmax = torch.tensor([float(exact.abs().max()) / 30])
+    dist.all_reduce(gmax, op=dist.ReduceOp.MAX)
+    for kind in ("int4", "fp8"):
+        ef, rmax = _grad_sum(kind, rank, 30)
+        noef, _ = _grad_sum(kind, rank, 30, error_feedback=False)
+        num = torch.tensor([float((ef - exact).norm()) ** 2, float((noef - exact).norm()) ** 2,
+                            float(exact.norm()) ** 2])
+        dist.all_reduce(num)
+        e_ef, e_no = math.sqrt(num[0] / num[2]), math.sqrt(num[1] / num[2])
+        assert e_ef < 0.5 * e_no and e_ef < 0.02, (kind, e_ef, e_no)
+        assert rmax < 4 * float(gmax), (kind, rmax, float(gmax))   # bounded: about one step's error
+
+
+def _scaler_run(kind, rank, inf_steps, steps=7, sync_free=False, **hook_kw):
+    m = _net()
+    st = None
+    if kind is not None:
+        import pyperf.fsdp
+        st = pyperf.fsdp.register(m, kind, **dict(dict(block_size=32, min_numel=0), **hook_kw))
+        if sync_free:
+            st._sync_free = True      # the CUDA path's rollback (torch.where on the stream), here on CPU
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3)
+    scales, changed, residuals = [], [], []
+    for step in range(steps):
+        m.poison = step in inf_steps and rank == 0
+        before = [p.detach().to_local().clone() for p in m.parameters()]
+        res_before = st.state_dict()["residual"] if st is not None else None
+        opt.zero_grad()
+        scaler.scale(_loss(m, *_batch(rank, step))).backward()
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+        changed.append(any(not torch.equal(b, p.detach().to_local()) for b, p in zip(before, m.parameters())))
+        if st is not None:
+            residuals.append((res_before, st.state_dict()["residual"]))
+    assert all(bool(torch.isfinite(p.detach().to_local()).all()) for p in m.parameters())
+    return scales, changed, residuals, st, [p.detach().to_local().clone() for p in m.parameters()]
+
+
+def _body_scaler(rank, W):
+    """inf on rank 0 in a shard that only the last rank owns: GradScaler skips the same steps as with FSDP's
+    default reduce-scatter, and EVERY rank (also those that neither sent nor received the inf) rolls its error
+    feedback back to before that step."""
+    inf_steps = (2, 4)
+    s_ref, c_ref, _, _, _ = _scaler_run(None, rank, inf_steps)
+    assert [not c for c in c_ref] == [i in inf_steps for i in range(len(c_ref))], c_ref
+    for kind, kw in (("int8", {}), ("int4", {}), ("int8", dict(min_numel=10 ** 9))):   # last: all in fp32
+        s, c, res, st, params = _scaler_run(kind, rank, inf_steps, **kw)
+        assert s == s_ref and c == c_ref, (kind, kw, s, s_ref, c, c_ref)
+        assert st.stats.nonfinite_steps == len(inf_steps), (kind, st.stats)
+        for i in inf_steps:
+            before, after = res[i]
+            for n in before:
+                assert torch.equal(before[n], after[n]), (kind, kw, i, n)
+        for n, r in res[-1][1].items():
+            assert bool(torch.isfinite(r).all()), (kind, n)
+        if kind == "int8" and not kw:
+            # the sync-free rollback (the CUDA path: torch.where on the stream, no host read) gives the same bits
+            _, _, res2, st2, params2 = _scaler_run(kind, rank, inf_steps, sync_free=True)
+            assert all(torch.equal(a, b) for a, b in zip(params, params2))
+            assert all(torch.equal(res[-1][1][n], res2[-1][1][n]) for n in res[-1][1])
+            assert st2.stats.nonfinite_steps == len(inf_steps)
+    # skip_nonfinite=False: one residual buffer; the non-finite blocks' residuals are zeroed, the rest kept
+    s, c, res, st, _ = _scaler_run("int8", rank, inf_steps, skip_nonfinite=False)
+    assert s == s_ref and c == c_ref
+    assert all(bool(torch.isfinite(r).all()) for r in res[-1][1].values())
+
+
+def test_error_feedback_and_gradscaler_2_ranks():
+    run_ranks(_run_all, 2, [(_body_error_feedback, ()), (_body_scaler, ())])
+
+
+def test_gradscaler_4_ranks():
+    run_ranks(_run_all, 4, [(_body_scaler, ())])
+
+
+# ---- checkpoint / resume --------------------------------------------------------------------------------------------
+def _train(kind, rank, steps, hook_kw, ckpt_dir, start=0, save_at=None):
+    """AdamW on _Net with `kind`; the side branch gets no gradient in step 4 (its residuals must carry over).
+    save_at: save model + optimizer with torch.distributed.checkpoint and this rank's state before that step;
+    start > 0: build everything fresh and resume from that save."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    import pyperf.fsdp
+    m = _net()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    st = pyperf.fsdp.register(m, kind, **hook_kw)
+    hook_file = os.path.join(ckpt_dir, "fsdp_hook_rank%d.pt" % rank)
+    if start:
+        msd, osd = get_state_dict(m, opt)
+        sd = {"model": msd, "optim": osd}
+        dcp.load(sd, checkpoint_id=ckpt_dir)
+        set_state_dict(m, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        st.load_state_dict(torch.load(hook_file))      # before FSDP's lazy initialization: placed on first use
+    for step in range(start, steps):
+        if step == save_at:
+            msd, osd = get_state_dict(m, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+            torch.save(st.state_dict(), hook_file)
+        m.use_side = step != 4
+        opt.zero_grad()
+        _loss(m, *_batch(rank, step)).backward()
+        opt.step()
+    return [p.detach().to_local().clone() for p in m.parameters()], st.state_dict()
+
+
+RESUME_CONFIGS = [("int8", dict(block_size=32, min_numel=0, stochastic_rounding=True)),
+                  ("int4", dict(block_size=32, min_numel=100, start_iter=1)),
+                  ("fp8", dict(block_size=64, min_numel=0)),
+                  ("bf16", {})]
+
+
+def _body_resume(rank, W, ckpt_root, configs):
+    for i, (kind, kw) in enumerate(configs):
+        d = os.path.join(ckpt_root, "c%d" % i)
+        full, sd_full = _train(kind, rank, 7, kw, d, save_at=3)
+        dist.barrier()
+        resumed, sd_res = _train(kind, rank, 7, kw, d, start=3)
+        for a, b in zip(full, resumed):
+            assert torch.equal(a, b), (kind, "resume", float((a - b).abs().max()))
+        assert sd_full["iter"] == sd_res["iter"] == 7
+        for n, r in (sd_full["residual"] or {}).items():
+            assert torch.equal(r, sd_res["residual"][n]), (kind, n)
+        if kind != "bf16":
+            # the run is not trivially reproducible: another seed gives other bits
+            other, _ = _train(kind, rank, 7, dict(kw, seed=1) if kw.get("stochastic_rounding") else
+                              dict(kw, block_size=128), os.path.join(d, "x"))
+            assert any(not torch.equal(a, b) for a, b in zip(full, other)), kind
+
+
+def test_resume_bit_identical_2_ranks(tmp_path):
+    run_ranks(_run_all, 2, [(_body_resume, (str(tmp_path), RESUME_CONFIGS))])
+
+
+def test_resume_bit_identical_4_ranks(tmp_path):
+    run_ranks(_run_all, 4, [(_body_resume, (str(tmp_path), RESUME_CONFIGS[:2]))])
+
+
+# ---- bytes, statistics, errors ----------------------------------------------------------------------------------
+def _body_stats(rank, W):
+    import pyperf.fsdp
+    for kind, limit, err in (("int8", 0.27, 0.01), ("int4", 0.14, 0.15), ("fp8", 0.27, 0.1), ("bf16", 0.5, None)):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(512, 256), nn.Tanh(), nn.Linear(256, 384))
+        for layer in (m[0], m[2], m):
+            fully_shard(layer)
+        st = pyperf.fsdp.register(m, kind, **(dict(stats_every=1) if err else {}))
+        for step in range(2):
+            m.zero_grad()
+            m(torch.randn(8, 512)).square().mean().backward()
+        s = st.stats
+        fp32 = 2 * (W - 1) * (512 * 256 + 256 + 256 * 384 + 384) * 4 // W      # 2 steps of an fp32 reduce-scatter
+        assert s.bytes_fp32 == fp32, (kind, s.bytes_fp32, fp32)
+        assert 0 < s.bytes_sent <= limit * fp32, (kind, s)
+        if kind == "bf16":
+            assert s.bytes_sent == fp32 // 2
+        assert s.steps == 2 and s.reduce_scatters == 4 and s.compressed_reduce_scatters == 4, s
+        assert s.comm_time_s > 0 and s.nonfinite_steps == 0
+        if err is not None:
+            assert 0 < s.rel_error < err, (kind, s)
+        d = s.as_dict()
+        assert d["compression"] == s.compression and "rel_error" in d
+    # start_iter: the first steps go through FSDP's own reduce-scatter (fp32 bytes), uncompressed
+    m = _net()
+    st = pyperf.fsdp.register(m, "int8", start_iter=2)
+    for step in range(3):
+        m.zero_grad()
+        _loss(m, *_batch(rank, step)).backward()
+    assert st.stats.compressed_reduce_scatters == 3 and st.stats.reduce_scatters == 9
+
+
+def _body_errors(rank, W):
+    import pyperf.fsdp
+    m = _net()
+    with pytest.raises(ValueError, match="kind: expected one of bf16, fp16, int8"):
+        pyperf.fsdp.register(m, "int3")
+    with pytest.raises(ValueError, match="kind"):
+        pyperf.fsdp.register(m, "allreduce")
+    with pytest.raises(TypeError, match="fully_shard"):
+        pyperf.fsdp.register(_net(shard=False), "int8")
+    with pytest.raises(TypeError, match="nn.Module"):
+        pyperf.fsdp.register("model", "int8")
+    with pytest.raises(ValueError, match="block_size"):
+        pyperf.fsdp.register(m, "int8", block_size=100)
+    with pytest.raises(TypeError, match="unknown option.*blocksize"):
+        pyperf.fsdp.register(m, "int8", blocksize=64)
+    with pytest.raises(TypeError, match="error_feedback.*quantized kinds"):
+        pyperf.fsdp.register(m, "bf16", error_feedback=True)
+    with pytest.raises(ValueError, match="start_iter"):
+        pyperf.fsdp.register(m, "int8", start_iter=-1)
+    torch.manual_seed(0)
+    m64 = nn.Linear(8, 8).double()
+    fully_shard(m64)
+    with pytest.raises(TypeError, match="float64"):
+        pyperf.fsdp.register(m64, "int8")
+    st = pyperf.fsdp.register(m, "int8", block_size=32, min_numel=0)
+    with pytest.raises(RuntimeError, match="already"):
+        pyperf.fsdp.register(m, "fp16")
+    with pytest.raises(RuntimeError, match="already"):
+        pyperf.fsdp.register(m.a, "fp16")          # a submodule of a registered model
+    _loss(m, *_batch(rank, 0)).backward()
+    sd = st.state_dict()
+    for key, val in (("block_size", 64), ("rank", (rank + 1) % W), ("kind", "int4")):
+        with pytest.raises(ValueError, match=key):
+            st.load_state_dict(dict(sd, **{key: val}))
+    bad = copy.deepcopy(sd)
+    bad["residual"]["nope.weight"] = bad["residual"].pop("a.weight")
+    with pytest.raises(ValueError, match="other parameters"):
+        st.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["residual"]["a.weight"] = bad["residual"]["a.weight"][:, :3]
+    with pytest.raises(ValueError, match="a.weight: expected shape"):
+        st.load_state_dict(bad)
+    with pytest.raises(KeyError, match="not a quantized parameter"):
+        st.residual_of("a.nope")
+    # remove(): FSDP's default reduce-scatter again, and a new registration is allowed
+    st.remove()
+    ref, _ = _run(None, rank)
+    m.zero_grad(set_to_none=True)
+    _loss(m, *_batch(rank, 0)).backward()
+    _close(_local_grads(m), ref, 0.0, "after remove()")
+    pyperf.fsdp.register(m, "fp16")
+
+
+def _body_hsdp(rank, W):
+    """HSDP (2-D mesh): a clear error, not a silently uncompressed all-reduce."""
+    import pyperf.fsdp
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (2, W // 2), mesh_dim_names=("replicate", "shard"))
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    fully_shard(m, mesh=mesh)
+    with pytest.raises(NotImplementedError, match="HSDP"):
+        pyperf.fsdp.register(m, "int8")
+
+
+def test_stats_and_errors_2_ranks():
+    run_ranks(_run_all, 2, [(_body_stats, ()), (_body_errors, ())])
+
+
+def test_stats_errors_hsdp_4_ranks():
+    run_ranks(_run_all, 4, [(_body_stats, ()), (_body_hsdp, ())])
