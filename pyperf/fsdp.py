@@ -47,9 +47,9 @@ from pyperf import ops as _q
 from pyperf.comm.hooks import _sum_small
 from pyperf.comm.quantized import check_format, mix_seed
 
-KINDS = ("bf16", "fp16", "int8", "int4", "fp8", "fp8_e4m3", "fp8_e5m2")
+KINDS = ("fp32", "bf16", "fp16", "int8", "int4", "fp8", "fp8_e4m3", "fp8_e5m2")
 _QUANT_FMT = {"int8": "int8", "int4": "int4", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
-_CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_CAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _QUANT_OPTIONS = ("block_size", "error_feedback", "stochastic_rounding", "min_numel", "seed", "skip_nonfinite",
                   "stats_every")
@@ -420,9 +420,9 @@ class FSDPCompressionState:
             _reduce_scatter(out, inp, op=op, group=group)
 
     def _cast(self, out, inp, group, scale):
-        """bf16/fp16 on the wire: one cast pass on the way out, then every rank's row summed in fp32 in rank order,
-        scale and cast back fused into the write (the values travel unscaled: fp16's range is spent on the
-        values, not on a 1/W that an fp32 sum does not need)."""
+        """fp32/bf16/fp16 on the wire: one cast pass on the way out (none when it is the reduce dtype), then every
+        rank's row summed in fp32 in rank order, scale and cast back fused into the write (the values travel
+        unscaled: fp16's range is spent on the values, not on a 1/W that an fp32 sum does not need)."""
         W, S = dist.get_world_size(group), out.numel()
         dt = self.cast_dtype
         self.stats.compressed_reduce_scatters += 1
@@ -693,7 +693,9 @@ def register(model, kind, **options):
     """Compress the gradient reduce-scatter of every FSDP2 (`fully_shard`) module in `model` with `kind`; returns
     the FSDPCompressionState.
 
-    kind: bf16 | fp16 (cast on the wire, fp32 sum) | int8 | int4 | fp8 (= fp8_e4m3) | fp8_e5m2 (quantized).
+    kind: bf16 | fp16 (cast on the wire, fp32 sum) | int8 | int4 | fp8 (= fp8_e4m3) | fp8_e5m2 (quantized) |
+    fp32 (uncompressed: the same all-to-all and rank-order fp32 sum, deterministic; the bytes of a ring
+    reduce-scatter, which on Gloo is half of what torch's reduce_scatter_tensor sends: that one is an all-reduce).
     options: start_iter=0 (FSDP's own reduce-scatter for the first N steps; with Adam/AdamW set it past the LR
     warm-up), and for the quantized kinds block_size=256, error_feedback=True, stochastic_rounding=False,
     min_numel=1024 (smaller parameters travel in fp32), seed=0, skip_nonfinite=True (roll the residuals back after

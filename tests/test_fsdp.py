@@ -19,9 +19,9 @@ from _dist import run_ranks
 fsdp_api = pytest.importorskip("torch.distributed.fsdp")
 fully_shard, MixedPrecisionPolicy = fsdp_api.fully_shard, fsdp_api.MixedPrecisionPolicy
 
-KINDS = ("bf16", "fp16", "int8", "int4", "fp8", "fp8_e5m2")
+KINDS = ("fp32", "bf16", "fp16", "int8", "int4", "fp8", "fp8_e5m2")
 # max |pyperf grad - default grad| / max |default grad| per parameter shard (the DDP hooks' tolerances)
-TOL = {"bf16": 0.01, "fp16": 2e-3, "int8": 0.02, "int4": 0.3, "fp8": 0.15, "fp8_e5m2": 0.3}
+TOL = {"fp32": 1e-6, "bf16": 0.01, "fp16": 2e-3, "int8": 0.02, "int4": 0.3, "fp8": 0.15, "fp8_e5m2": 0.3}
 FMT = {"int8": "int8", "int4": "int4", "fp8": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 
 
@@ -403,7 +403,8 @@ def test_resume_bit_identical_4_ranks(tmp_path):
 # ---- bytes, statistics, errors ----------------------------------------------------------------------------------
 def _body_stats(rank, W):
     import pyperf.fsdp
-    for kind, limit, err in (("int8", 0.27, 0.01), ("int4", 0.14, 0.15), ("fp8", 0.27, 0.1), ("bf16", 0.5, None)):
+    for kind, limit, err in (("int8", 0.27, 0.01), ("int4", 0.14, 0.15), ("fp8", 0.27, 0.1), ("bf16", 0.5, None),
+                             ("fp32", 1.0, None)):
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(512, 256), nn.Tanh(), nn.Linear(256, 384))
         for layer in (m[0], m[2], m):
@@ -416,8 +417,8 @@ def _body_stats(rank, W):
         fp32 = 2 * (W - 1) * (512 * 256 + 256 + 256 * 384 + 384) * 4 // W      # 2 steps of an fp32 reduce-scatter
         assert s.bytes_fp32 == fp32, (kind, s.bytes_fp32, fp32)
         assert 0 < s.bytes_sent <= limit * fp32, (kind, s)
-        if kind == "bf16":
-            assert s.bytes_sent == fp32 // 2
+        if kind in ("bf16", "fp32"):
+            assert s.bytes_sent == fp32 // (2 if kind == "bf16" else 1)
         assert s.steps == 2 and s.reduce_scatters == 4 and s.compressed_reduce_scatters == 4, s
         assert s.comm_time_s > 0 and s.nonfinite_steps == 0
         if err is not None:
@@ -436,7 +437,7 @@ def _body_stats(rank, W):
 def _body_errors(rank, W):
     import pyperf.fsdp
     m = _net()
-    with pytest.raises(ValueError, match="kind: expected one of bf16, fp16, int8"):
+    with pytest.raises(ValueError, match="kind: expected one of fp32, bf16, fp16, int8"):
         pyperf.fsdp.register(m, "int3")
     with pytest.raises(ValueError, match="kind"):
         pyperf.fsdp.register(m, "allreduce")
