@@ -9,7 +9,8 @@ reduce-scatter (pyperf.fsdp), on the same data and schedule as examples/train_gp
     torchrun --nproc-per-node 8 examples/train_gpt_fsdp.py --hook int8     # GPUs, NCCL
 
 Hooks: torch-reducescatter (FSDP's own, in the reduce dtype: fp32 by default), torch-bf16-reduce (FSDP's own with
-MixedPrecisionPolicy(reduce_dtype=bfloat16)), and pyperf.fsdp's bf16, fp16, int8, int4, fp8.
+MixedPrecisionPolicy(reduce_dtype=bfloat16)), and pyperf.fsdp's kinds: fp32 (uncompressed, deterministic), bf16,
+fp16, int8, int4, fp8 (the quantized ones with error feedback).
 """
 import argparse
 import importlib.util
@@ -39,7 +40,7 @@ def _ddp_demo():
 
 base = _ddp_demo()
 
-HOOKS = ["bf16", "fp16", "int8", "int4", "fp8"]
+HOOKS = ["fp32", "bf16", "fp16", "int8", "int4", "fp8"]
 TORCH_HOOKS = ["torch-reducescatter", "torch-bf16-reduce"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

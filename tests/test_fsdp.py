@@ -581,3 +581,36 @@ def _body_gpt2(rank, W):
 @pytest.mark.slow
 def test_gpt2_convergence_300_steps_2_ranks():
     run_ranks(_run_all, 2, [(_body_gpt2, ())])
+
+
+# ---- the demo --------------------------------------------------------------------------------------------------------
+def test_fsdp_demo_compare(tmp_path):
+    """examples/train_gpt_fsdp.py --compare on 2 Gloo ranks: every kind and FSDP's own reduce-scatters train, with
+    the bytes each sends and the same first loss (same seeds and data)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    hooks = ["torch-reducescatter", "torch-bf16-reduce", "fp32", "bf16", "fp16", "int8", "int4", "fp8"]
+    j, png = tmp_path / "r.json", tmp_path / "loss.png"
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "train_gpt_fsdp.py"), "--compare", "--hooks",
+           ",".join(hooks), "--steps", "3", "--start-iter", "0", "--d-model", "64", "--layers", "2", "--heads", "2",
+           "--seq-len", "32", "--batch-size", "2", "--data-bytes", str(1 << 20), "--threads", "1",
+           "--no-reshard-after-forward", "--json", str(j), "--plot", str(png)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, "demo failed:\n%s\n%s" % (r.stdout[-3000:], r.stderr[-3000:])
+    assert "final loss" in r.stdout and "+all-gathers" in r.stdout
+    res = {x["hook"]: x for x in json.loads(j.read_text())["results"]}
+    assert set(res) == set(hooks)
+    for h, x in res.items():
+        assert len(x["losses"]) == 3 and all(0 < v < 10 for v in x["losses"]), (h, x["losses"])
+        assert x["reshard_after_forward"] is False and x["allgather_bytes_per_step"] > 0
+    ratio = {h: res[h]["bytes_per_step"] / res[h]["fp32_bytes_per_step"] for h in hooks}
+    assert ratio["torch-reducescatter"] == 1.0 and ratio["fp32"] == pytest.approx(1.0, abs=0.01)
+    for h in ("torch-bf16-reduce", "bf16", "fp16"):
+        assert ratio[h] == pytest.approx(0.5, abs=0.01), (h, ratio)
+    assert ratio["int4"] < ratio["int8"] < 0.3 and ratio["fp8"] < 0.3, ratio
+    first = {h: x["losses"][0] for h, x in res.items()}
+    assert max(first.values()) - min(first.values()) < 1e-4, first
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
