@@ -38,7 +38,7 @@ Why the rest looks the way it does:
   NCCL the all-to-all is stream-ordered, on Gloo the call is synchronous.
 """
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist

@@ -7,7 +7,6 @@ import copy
 import gc
 import math
 import os
-import tempfile
 
 import pytest
 import torch
@@ -229,14 +228,6 @@ def _run_all(rank, W, bodies):
     gc.collect()
 
 
-def test_kinds_ops_exact_modes_2_ranks():
-    run_ranks(_run_all, 2, [(_body_exact, ()), (_body_kinds_ops, (KINDS,)), (_body_modes, ())])
-
-
-def test_kinds_ops_exact_4_ranks():
-    run_ranks(_run_all, 4, [(_body_exact, ()), (_body_kinds_ops, (("int8", "int4", "fp8", "bf16", "fp16"),))])
-
-
 # ---- error feedback, GradScaler ---------------------------------------------------------------------------------
 def _grad_sum(kind, rank, steps, **hook_kw):
     """Sum of the sharded gradients over `steps` steps of the same model (no update): error feedback makes the
@@ -329,14 +320,6 @@ def _body_scaler(rank, W):
     assert all(bool(torch.isfinite(r).all()) for r in res[-1][1].values())
 
 
-def test_error_feedback_and_gradscaler_2_ranks():
-    run_ranks(_run_all, 2, [(_body_error_feedback, ()), (_body_scaler, ())])
-
-
-def test_gradscaler_4_ranks():
-    run_ranks(_run_all, 4, [(_body_scaler, ())])
-
-
 # ---- checkpoint / resume --------------------------------------------------------------------------------------------
 def _train(kind, rank, steps, hook_kw, ckpt_dir, start=0, save_at=None):
     """AdamW on _Net with `kind`; the side branch gets no gradient in step 4 (its residuals must carry over).
@@ -390,14 +373,6 @@ def _body_resume(rank, W, ckpt_root, configs):
             other, _ = _train(kind, rank, 7, dict(kw, seed=1) if kw.get("stochastic_rounding") else
                               dict(kw, block_size=128), os.path.join(d, "x"))
             assert any(not torch.equal(a, b) for a, b in zip(full, other)), kind
-
-
-def test_resume_bit_identical_2_ranks(tmp_path):
-    run_ranks(_run_all, 2, [(_body_resume, (str(tmp_path), RESUME_CONFIGS))])
-
-
-def test_resume_bit_identical_4_ranks(tmp_path):
-    run_ranks(_run_all, 4, [(_body_resume, (str(tmp_path), RESUME_CONFIGS[:2]))])
 
 
 # ---- bytes, statistics, errors ----------------------------------------------------------------------------------
@@ -499,12 +474,22 @@ def _body_hsdp(rank, W):
         pyperf.fsdp.register(m, "int8")
 
 
-def test_stats_and_errors_2_ranks():
-    run_ranks(_run_all, 2, [(_body_stats, ()), (_body_errors, ())])
+# ---- the multi-rank tests: several bodies per process group (each spawn costs seconds of imports) -----------------
+def test_kinds_ops_exact_modes_stats_errors_2_ranks():
+    run_ranks(_run_all, 2, [(_body_exact, ()), (_body_kinds_ops, (KINDS,)), (_body_modes, ()), (_body_stats, ()),
+                            (_body_errors, ())])
 
 
-def test_stats_errors_hsdp_4_ranks():
-    run_ranks(_run_all, 4, [(_body_stats, ()), (_body_hsdp, ())])
+def test_error_feedback_gradscaler_resume_2_ranks(tmp_path):
+    run_ranks(_run_all, 2, [(_body_error_feedback, ()), (_body_scaler, ()),
+                            (_body_resume, (str(tmp_path), RESUME_CONFIGS))])
+
+
+def test_4_ranks(tmp_path):
+    """4 ranks: a padding-only shard, a rank that neither sends nor receives the inf, owners of blocks round-robin."""
+    run_ranks(_run_all, 4, [(_body_exact, ()), (_body_kinds_ops, (("int8", "int4", "fp8", "bf16", "fp16"),)),
+                            (_body_scaler, ()), (_body_stats, ()), (_body_hsdp, ()),
+                            (_body_resume, (str(tmp_path), RESUME_CONFIGS[:2]))])
 
 
 # ---- convergence: a transformers GPT-2 -----------------------------------------------------------------------------
