@@ -278,14 +278,14 @@ def _scaler_run(kind, rank, inf_steps, steps=7, sync_free=False, **hook_kw):
     for step in range(steps):
         m.poison = step in inf_steps and rank == 0
         before = [p.detach().to_local().clone() for p in m.parameters()]
-        res_before = st.state_dict()["residual"] if st is not None else None
+        res_before = st.state_dict()["residual"] if st is not None and st.error_feedback else None
         opt.zero_grad()
         scaler.scale(_loss(m, *_batch(rank, step))).backward()
         scaler.step(opt)
         scaler.update()
         scales.append(scaler.get_scale())
         changed.append(any(not torch.equal(b, p.detach().to_local()) for b, p in zip(before, m.parameters())))
-        if st is not None:
+        if st is not None and st.error_feedback:
             residuals.append((res_before, st.state_dict()["residual"]))
     assert all(bool(torch.isfinite(p.detach().to_local()).all()) for p in m.parameters())
     return scales, changed, residuals, st, [p.detach().to_local().clone() for p in m.parameters()]
@@ -314,6 +314,10 @@ def _body_scaler(rank, W):
             assert all(torch.equal(a, b) for a, b in zip(params, params2))
             assert all(torch.equal(res[-1][1][n], res2[-1][1][n]) for n in res[-1][1])
             assert st2.stats.nonfinite_steps == len(inf_steps)
+    # the cast kinds carry inf/nan through the cast and the fp32 sum
+    for kind in ("bf16", "fp16"):
+        s, c, _, _, _ = _scaler_run(kind, rank, inf_steps)
+        assert s == s_ref and c == c_ref, (kind, s, s_ref, c, c_ref)
     # skip_nonfinite=False: one residual buffer; the non-finite blocks' residuals are zeroed, the rest kept
     s, c, res, st, _ = _scaler_run("int8", rank, inf_steps, skip_nonfinite=False)
     assert s == s_ref and c == c_ref
