@@ -269,7 +269,7 @@ def _scaler_run(kind, rank, inf_steps, steps=7, sync_free=False, **hook_kw):
     st = None
     if kind is not None:
         import pyperf.fsdp
-        st = pyperf.fsdp.register(m, kind, **dict(dict(block_size=32, min_numel=0), **hook_kw))
+        st = pyperf.fsdp.register(m, kind, **dict(dict(block_size=32, min_numel=0) if kind in FMT else {}, **hook_kw))
         if sync_free:
             st._sync_free = True      # the CUDA path's rollback (torch.where on the stream), here on CPU
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
