@@ -12,11 +12,12 @@ fp16_compress_hook and PowerSGD.
     sudo python3 benchmarks/netns_bandwidth.py --rates 1,10 --hooks torch-allreduce,int8 --json bw.json --plot bw.png
     sudo python3 benchmarks/netns_bandwidth.py --parallel fsdp      # FSDP2: reduce-scatter kinds, reshard on/off
 
-FSDP2 mode (--parallel fsdp) trains examples/train_gpt_fsdp.py instead: FSDP's own fp32 reduce-scatter, its bf16
-reduce dtype (MixedPrecisionPolicy(reduce_dtype=bfloat16)), and pyperf.fsdp's bf16, int8+EF and int4+EF, each with
-reshard_after_forward True and False. FSDP also all-gathers the parameters (forward, and again in backward when it
-reshards), which is not compressed; each rank's interface byte counter (tx_bytes) gives the real bytes of a step,
-all-gathers included, and with them the speedup those bytes allow.
+FSDP2 mode (--parallel fsdp) trains examples/train_gpt_fsdp.py instead: FSDP's own fp32 reduce-scatter (on Gloo an
+all-reduce's bytes), its bf16 reduce dtype (MixedPrecisionPolicy(reduce_dtype=bfloat16)), and pyperf.fsdp's fp32 (a
+ring reduce-scatter's bytes), bf16, int8+EF and int4+EF, each with reshard_after_forward True and False. FSDP also
+all-gathers the parameters (forward, and again in backward when it reshards), which is not compressed; each rank's
+interface byte counter (tx_bytes) gives the real bytes of a step, all-gathers included, and with them the speedup
+those bytes allow.
 
 Needs root and iproute2 (ip, tc with the tbf qdisc); without them it says so and exits 0. The namespaces are
 removed at exit (also on Ctrl-C).
@@ -37,7 +38,7 @@ DEMO = os.path.join(ROOT, "examples", "train_gpt_ddp.py")
 SUBNET = "10.200.77"
 DEFAULT_HOOKS = "torch-allreduce,allreduce,bf16,fp16,int8,int4,fp8,torch-fp16,torch-powersgd"
 FSDP_DEMO = os.path.join(ROOT, "examples", "train_gpt_fsdp.py")
-FSDP_HOOKS = "torch-reducescatter,torch-bf16-reduce,bf16,int8,int4"
+FSDP_HOOKS = "torch-reducescatter,torch-bf16-reduce,fp32,bf16,int8,int4"
 # The model: many parameters per token so that gradient traffic, not compute, dominates a 1 Gbit/s step.
 # DDP buckets of 5 MB (for every hook alike): the last bucket's communication cannot overlap with the backward, so
 # with the default 25 MB about half of the gradients' traffic sits after it (measured 2026-11-23 at 1 Gbit/s:
