@@ -170,13 +170,15 @@ class _Plan:
         self.bstart = [0]
         for nb in self.nbs:
             self.bstart.append(self.bstart[-1] + nb)
-        # residual columns of the included quantized parameters (one run when all are included: plain row views)
-        self.res_runs = _runs((unit.roff[included[k]], unit.roff[included[k]] + nb * B)
-                              for k, nb in zip(self.big, self.nbs))
+        # residual columns of each included quantized parameter (None: it has none, it was frozen at registration)
+        self.pieces = [None if unit.roff[included[k]] is None else
+                       (unit.roff[included[k]], unit.roff[included[k]] + nb * B) for k, nb in zip(self.big, self.nbs)]
+        self.has_res = any(p is not None for p in self.pieces)
+        # all of the unit's residuals, in order: each row's residual is a plain view, no gather
+        self.full = None not in self.pieces and _runs(self.pieces) == [(0, unit.R)]
         inc = set(included)
         self.excluded_runs = _runs((unit.roff[i], unit.roff[i] + -(-unit.segs[i] // B) * B)
-                                   for i in range(len(unit.segs)) if unit.big[i] and i not in inc)
-        self.res_numel = self.nblocks * B
+                                   for i in range(len(unit.segs)) if unit.roff[i] is not None and i not in inc)
 
 
 class _Unit:
@@ -199,9 +201,13 @@ class _Unit:
             big = state.fmt is not None and n >= state.min_numel and n > 0
             self.big.append(big)
             self.gidx.append(first_gidx + k)
-            self.roff.append(r)
-            if big:
+            # residuals for the quantized parameters that train: a frozen base model (LoRA-style fine-tuning)
+            # would otherwise cost 4-8 bytes per frozen parameter for nothing
+            if big and state.error_feedback and fp.sharded_param.requires_grad:
+                self.roff.append(r)
                 r += -(-self.segs[-1] // B) * B
+            else:
+                self.roff.append(None)
         self.R = r                       # residual row length (quantized parameters, each padded to whole blocks)
         self.res = None                  # [W, R] fp32: current residuals
         self.res_prev = None             # [W, R]: the other buffer (skip_nonfinite): before the last step that wrote
@@ -454,13 +460,13 @@ class FSDPCompressionState:
         recv = self._buffer("recv", W * plan.row_bytes, torch.uint8, dev).view(W, plan.row_bytes)
         qb, sn = plan.qb, plan.sn
         step = self.iter - 1
-        ef = self.error_feedback and plan.nblocks > 0
+        ef = self.error_feedback and plan.has_res
         if ef:
             self._ensure_residual(unit, dev)
             self._settle(unit)
             cur = unit.res
             nxt = unit.res_prev if self.skip_nonfinite else unit.res
-            full = plan.res_runs == [(0, unit.R)]
+            full = plan.full
         for s in range(W):
             if plan.nblocks:
                 xs = [x[s, plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.big]
@@ -468,8 +474,10 @@ class FSDPCompressionState:
                 if ef:
                     if full:
                         r_in, r_out = cur[s], nxt[s]
-                    else:
-                        r_in = _q.pack([cur[s, a:b] for a, b in plan.res_runs])
+                    else:   # some parameters left out (no gradient) or without residuals (frozen): gather
+                        r_in = _q.pack([cur[s, p[0]:p[1]] if p is not None else
+                                        torch.zeros(nb * B, dtype=torch.float32, device=dev)
+                                        for p, nb in zip(plan.pieces, plan.nbs)])
                         r_out = r_in if nxt is cur else torch.empty_like(r_in)
                 if self._stats_now:
                     self._measure(xs, r_in, plan, dev)
@@ -479,7 +487,11 @@ class FSDPCompressionState:
                 else:
                     self._quantize_sr(xs, plan, wire, r_in, r_out, step, s)
                 if ef and not full:
-                    _q.unpack(r_out, [nxt[s, a:b] for a, b in plan.res_runs])
+                    pos = 0
+                    for p, nb in zip(plan.pieces, plan.nbs):
+                        if p is not None:
+                            nxt[s, p[0]:p[1]].copy_(r_out[pos:pos + nb * B])
+                        pos += nb * B
             if sn:
                 _q.pack([x[s, plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.small], out_dtype=torch.float32,
                         out=send[s, qb:qb + 4 * sn].view(torch.float32))
@@ -575,7 +587,7 @@ class FSDPCompressionState:
             for u in self.units:
                 res = self._settled_residual(u)
                 for i, name in enumerate(u.names):
-                    if not u.big[i]:
+                    if u.roff[i] is None:
                         continue
                     pend = self._pending.get(name)
                     if res is not None:
@@ -602,7 +614,8 @@ class FSDPCompressionState:
             raise ValueError("load_state_dict: format %r, expected %d" % (sd.get("format"), _FORMAT))
         res = sd.get("residual")
         if self.error_feedback:
-            want = {n: (u.world_size, u.segs[i]) for u in self.units for i, n in enumerate(u.names) if u.big[i]}
+            want = {n: (u.world_size, u.segs[i]) for u in self.units for i, n in enumerate(u.names)
+                    if u.roff[i] is not None}
             got = set(res or {})
             if got != set(want):
                 missing, extra = sorted(set(want) - got), sorted(got - set(want))
@@ -626,12 +639,12 @@ class FSDPCompressionState:
                 continue
             if u.res is None:
                 for i, n in enumerate(u.names):
-                    if u.big[i]:
+                    if u.roff[i] is not None:
                         self._pending[n] = res[n].detach().to("cpu", torch.float32).clone()
             else:
                 u.res.zero_()
                 for i, n in enumerate(u.names):
-                    if u.big[i]:
+                    if u.roff[i] is not None:
                         a = u.roff[i]
                         u.res[:, a:a + u.segs[i]].copy_(res[n])
                 if u.res_prev is not None:
@@ -646,7 +659,7 @@ class FSDPCompressionState:
 
     def _load_pending(self, unit, res):
         for i, n in enumerate(unit.names):
-            t = self._pending.pop(n, None)
+            t = self._pending.pop(n, None) if unit.roff[i] is not None else None
             if t is not None:
                 a = unit.roff[i]
                 res[:, a:a + unit.segs[i]].copy_(t)
@@ -656,7 +669,7 @@ class FSDPCompressionState:
         [world_size, per-rank segment]; row s is what this rank still owes shard s (zeros before the first step)."""
         sd = self.state_dict()["residual"] or {}
         if name not in sd:
-            raise KeyError("residual_of: %r is not a quantized parameter of this model (quantized: %s)"
+            raise KeyError("residual_of: %r is not a quantized parameter with error feedback (those are: %s)"
                            % (name, sorted(sd)[:6]))
         return sd[name]
 

@@ -208,6 +208,26 @@ def _body_modes(rank, W):
     assert m.side.weight.grad is None
     assert torch.equal(st.residual_of("side.weight"), before["side.weight"])
     assert not torch.equal(st.residual_of("a.weight"), before["a.weight"])
+    # a frozen parameter has no residual (a frozen base model costs no error-feedback memory)
+    m = _net(frozen=True)
+    st = pyperf.fsdp.register(m, "int8", block_size=32, min_numel=0)
+    _loss(m, *_batch(rank, 0)).backward()
+    res = st.state_dict()["residual"]
+    assert "frozen.weight" not in res and "frozen.bias" not in res and "a.weight" in res, sorted(res)
+    assert st.stats.compressed_reduce_scatters == 3
+    # ... and if it is unfrozen after registration, it is quantized without error feedback, next to the others' EF
+    def unfreeze(m):
+        m.frozen.requires_grad_(True)
+    ref, _ = _run(None, rank, steps=2, net_kw=dict(frozen=True), setup=unfreeze)
+    m = _net(frozen=True)
+    st = pyperf.fsdp.register(m, "int8", block_size=32, min_numel=0)
+    unfreeze(m)
+    for step in range(2):
+        m.zero_grad(set_to_none=True)
+        _loss(m, *_batch(rank, 10 * step)).backward()
+    assert m.frozen.weight.grad is not None and "frozen.weight" not in st.state_dict()["residual"]
+    assert any(None in p.pieces for u in st.units for p in u.plans.values())     # the gather path ran
+    _close(_local_grads(m), ref, TOL["int8"], "int8 unfrozen after registration")
     # reduce_scatter_unused_params (torch >= 2.14): the unused parameters travel as zeros (without error feedback:
     # with it, a zero gradient carries the residual the parameter still owes, so it does not come out zero)
     if hasattr(fsdp_api.FSDPModule, "set_reduce_scatter_unused_params"):
