@@ -1,7 +1,7 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`): compressed gradient reduce-scatter (see docs/fsdp.md).
 
     import pyperf.fsdp
-    state = pyperf.fsdp.register(model, "int8")      # bf16 | fp16 | int8 | int4 | fp8 (= fp8_e4m3) | fp8_e5m2
+    state = pyperf.fsdp.register(model, "int8")      # fp32 | bf16 | fp16 | int8 | int4 | fp8 (= fp8_e4m3) | fp8_e5m2
     ...train as usual...
     state.stats                                      # bytes vs an fp32 reduce-scatter, quantization error, time
     torch.save(state.state_dict(), f"fsdp_hook_rank{rank}.pt")      # from EVERY rank, next to the DCP checkpoint
@@ -25,7 +25,7 @@ Why the rest looks the way it does:
   outlives FSDP's lazy initialization (nothing is allocated before the first compressed reduce-scatter) and a
   restart (state_dict() is keyed by parameter name and row). It costs 4 bytes per parameter per rank (the residual
   is of this rank's whole unsharded gradient), 8 with skip_nonfinite=True, which double-buffers it to undo a step
-  that GradScaler skips.
+  that GradScaler skips; parameters frozen at registration get none.
 - A step is one backward pass that reduces (autograd's graph task id); with gradient accumulation
   (set_requires_gradient_sync(False)) FSDP reduces only in the last micro-batch, so that is the step.
 - inf/nan: a block holding one has a non-finite scale, and the reduce turns it into inf/nan in the output, so
