@@ -10,6 +10,14 @@ fp16_compress_hook and PowerSGD.
 
     sudo python3 benchmarks/netns_bandwidth.py                       # rates 1,2.5,5,10 Gbit/s + unlimited
     sudo python3 benchmarks/netns_bandwidth.py --rates 1,10 --hooks torch-allreduce,int8 --json bw.json --plot bw.png
+    sudo python3 benchmarks/netns_bandwidth.py --parallel fsdp      # FSDP2: reduce-scatter kinds, reshard on/off
+
+FSDP2 mode (--parallel fsdp) trains examples/train_gpt_fsdp.py instead: FSDP's own fp32 reduce-scatter (on Gloo an
+all-reduce's bytes), its bf16 reduce dtype (MixedPrecisionPolicy(reduce_dtype=bfloat16)), and pyperf.fsdp's fp32 (a
+ring reduce-scatter's bytes), bf16, int8+EF and int4+EF, each with reshard_after_forward True and False. FSDP also
+all-gathers the parameters (forward, and again in backward when it reshards), which is not compressed; each rank's
+interface byte counter (tx_bytes) gives the real bytes of a step, all-gathers included, and with them the speedup
+those bytes allow.
 
 Needs root and iproute2 (ip, tc with the tbf qdisc); without them it says so and exits 0. The namespaces are
 removed at exit (also on Ctrl-C).
@@ -29,6 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "examples", "train_gpt_ddp.py")
 SUBNET = "10.200.77"
 DEFAULT_HOOKS = "torch-allreduce,allreduce,bf16,fp16,int8,int4,fp8,torch-fp16,torch-powersgd"
+FSDP_DEMO = os.path.join(ROOT, "examples", "train_gpt_fsdp.py")
+FSDP_HOOKS = "torch-reducescatter,torch-bf16-reduce,fp32,bf16,int8,int4"
 # The model: many parameters per token so that gradient traffic, not compute, dominates a 1 Gbit/s step.
 # DDP buckets of 5 MB (for every hook alike): the last bucket's communication cannot overlap with the backward, so
 # with the default 25 MB about half of the gradients' traffic sits after it (measured 2026-11-23 at 1 Gbit/s:
@@ -115,8 +125,9 @@ class Topology:
         return [ns for ns in self.namespaces + [self.bridge_ns] if ns in names]
 
 
-def run_rate(topo, hooks, steps, extra, port, timeout, log):
+def run_rate(topo, hooks, steps, extra, port, timeout, log, demo=DEMO, model_args=None):
     """Launch one process per rank (each inside its namespace) training every hook; returns rank 0's JSON."""
+    model_args = MODEL_ARGS if model_args is None else model_args
     out = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
     png = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
     procs = []
@@ -125,10 +136,10 @@ def run_rate(topo, hooks, steps, extra, port, timeout, log):
                    MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=topo.rank_if[r], OMP_NUM_THREADS="1")
         # the first model trained in a process pays one-time costs (allocator growth, page faults, lazy init) in
         # every step; a throw-away warm-up run of the first hook keeps that out of the first measured hook
-        cmd = topo.exec_prefix(r) + [sys.executable, DEMO, "--cpu", "--compare", "--hooks",
+        cmd = topo.exec_prefix(r) + [sys.executable, demo, "--cpu", "--compare", "--hooks",
                                      ",".join(hooks[:1] + hooks),
                                      "--steps", str(steps), "--threads", "1", "--quiet", "--json", out,
-                                     "--plot", png] + MODEL_ARGS + extra
+                                     "--plot", png] + model_args + extra
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if r else log,
                                       stderr=subprocess.STDOUT, text=True))
     t0 = time.time()
@@ -219,11 +230,94 @@ def plot(path, curve, hooks, meta):
     plt.close(fig)
 
 
+# ---- FSDP2 mode ---------------------------------------------------------------------------------------------------
+FSDP_MODEL_ARGS = MODEL_ARGS[:MODEL_ARGS.index("--bucket-cap-mb")]      # the same model; FSDP has no buckets
+
+
+def _fsdp_key(r):
+    return "%s/%s" % (r["hook"], "reshard" if r["reshard_after_forward"] else "keep")
+
+
+def summarize_fsdp(curve, hooks):
+    """Per rate and reshard setting: step time, bytes (reduce-scatter from the state or FSDP's layout; all-gathers
+    from the layout; the interface's tx bytes measured), speedups vs FSDP's fp32 and bf16-reduce-dtype
+    reduce-scatters, the speedup the measured bytes allow, and the final loss against FSDP's default."""
+    lines = []
+    head = "%-10s %-26s %8s %8s %8s %8s %8s %8s %8s %8s %10s %8s" % (
+        "link", "config", "step ms", "RS MB", "wire MB", "vs fp32", "allowed", "achieved", "vs bf16", "allowed",
+        "final loss", "vs fp32")
+    lines += [head, "-" * len(head)]
+    for point in curve:
+        for reshard in (True, False):
+            res = {r["hook"]: r for r in point["results"] if r["reshard_after_forward"] == reshard}
+            if not res:
+                continue
+            b32, b16 = res.get("torch-reducescatter"), res.get("torch-bf16-reduce")
+            for h in hooks:
+                r = res.get(h)
+                if r is None:
+                    continue
+                row = "%-10s %-26s %8.1f %8.2f %8.2f" % (point["label"], _fsdp_key(r), r["median_step_s"] * 1e3,
+                                                         r["bytes_per_step"] / 1e6, r["wire_bytes_per_step"] / 1e6)
+                for b in (b32, b16):
+                    if b is None:
+                        row += " %8s %8s" % ("-", "-") + (" %8s" % "-" if b is b32 else "")
+                        continue
+                    sp = b["median_step_s"] / r["median_step_s"]
+                    allowed = b["wire_bytes_per_step"] / r["wire_bytes_per_step"]
+                    row += " %7.2fx %7.2fx" % (sp, allowed)
+                    if b is b32:
+                        row += " %7.0f%%" % (100 * sp / allowed) if allowed == allowed else " %8s" % "-"
+                ref = b32["final_loss"] if b32 else float("nan")
+                row += " %10.4f %+7.2f%%" % (r["final_loss"], 100 * (r["final_loss"] / ref - 1))
+                lines.append(row)
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_fsdp(path, curve, hooks, meta):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    limited = [p for p in curve if p["gbit"] is not None]
+    xs = [p["gbit"] for p in limited]
+    unl = [p for p in curve if p["gbit"] is None]
+    x_unl = (max(xs) if xs else 1.0) * 3
+    pts = limited + unl[:1]
+    xs = xs + ([x_unl] if unl else [])
+    for ax, reshard in zip(axes, (True, False)):
+        for i, h in enumerate(hooks):
+            sp = []
+            for p in pts:
+                res = {r["hook"]: r for r in p["results"] if r["reshard_after_forward"] == reshard}
+                b, r = res.get("torch-reducescatter"), res.get(h)
+                sp.append(b["median_step_s"] / r["median_step_s"] if b and r else None)
+            ax.plot(xs, sp, "--" if h.startswith("torch") else "-", marker="o", color="C%d" % i, label=h)
+        ax.set_xscale("log")
+        ticks = [p["gbit"] for p in limited] + ([x_unl] if unl else [])
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(["%g" % t for t in ticks[:len(limited)]] + (["no limit"] if unl else []))
+        ax.minorticks_off()
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.grid(alpha=0.3, which="both")
+        ax.set_xlabel("link rate per rank (Gbit/s, tc tbf on veth)")
+        ax.set_ylabel("speedup vs FSDP's fp32 reduce-scatter (x)")
+        ax.set_title("reshard_after_forward=%s" % reshard, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("FSDP2 step time vs link rate | %s" % meta, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="1,2.5,5,10,unlimited", help="Gbit/s per link, comma-separated "
                    "('unlimited' = veth without tc)")
-    p.add_argument("--hooks", default=DEFAULT_HOOKS)
+    p.add_argument("--hooks", default=None, help="default: %s (ddp), %s (fsdp)" % (DEFAULT_HOOKS, FSDP_HOOKS))
+    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"], help="DDP hooks or FSDP2 reduce-scatters")
+    p.add_argument("--reshard", default="true,false", help="fsdp: reshard_after_forward settings to run")
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="steps per hook (median of all but the first 2)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per rate")
@@ -235,7 +329,9 @@ def main(argv=None):
     if why:
         print("netns_bandwidth: skipped: %s" % why)
         return 0
-    hooks = args.hooks.split(",")
+    fsdp = args.parallel == "fsdp"
+    hooks = (args.hooks or (FSDP_HOOKS if fsdp else DEFAULT_HOOKS)).split(",")
+    reshards = [v.strip().lower() in ("1", "true", "yes") for v in args.reshard.split(",")]
     rates = [None if r.strip() in ("unlimited", "none", "0") else float(r) for r in args.rates.split(",")]
     topo = Topology(args.world_size)
     atexit.register(topo.destroy)
@@ -255,29 +351,42 @@ def main(argv=None):
         import torch
         meta = "%d ranks, 1 CPU thread each, torch %s, %s" % (args.world_size, torch.__version__,
                                                               time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-        print("netns_bandwidth: %s, model %s, hooks %s" % (meta, " ".join(MODEL_ARGS + extra), ",".join(hooks)),
-              flush=True)
+        model_args = FSDP_MODEL_ARGS if fsdp else MODEL_ARGS
+        print("netns_bandwidth: %s%s, model %s, hooks %s" % ("FSDP2, " if fsdp else "", meta,
+                                                            " ".join(model_args + extra), ",".join(hooks)), flush=True)
         curve = []
         for i, rate in enumerate(rates):
             topo.set_rate(rate)
             label = "%gG" % rate if rate is not None else "unlimited"
+            load0 = os.getloadavg()[0]
             print("== link %s == (load average %.1f on %d CPUs: timings on a busy machine are noisy)"
-                  % (label, os.getloadavg()[0], os.cpu_count()), flush=True)
+                  % (label, load0, os.cpu_count()), flush=True)
             t0 = time.time()
-            doc = run_rate(topo, hooks, args.steps, extra, 29500 + i, args.timeout, sys.stdout)
-            curve.append({"gbit": rate, "label": label, "results": doc["results"], "wall_s": time.time() - t0,
-                          "loadavg_1m": os.getloadavg()[0]})
-            print(summarize(curve[-1:], hooks), flush=True)
+            if fsdp:
+                results = []
+                for j, reshard in enumerate(reshards):
+                    flag = "--reshard-after-forward" if reshard else "--no-reshard-after-forward"
+                    doc = run_rate(topo, hooks, args.steps, extra + [flag], 29500 + 2 * i + j, args.timeout,
+                                   sys.stdout, demo=FSDP_DEMO, model_args=model_args)
+                    results += doc["results"]
+            else:
+                results = run_rate(topo, hooks, args.steps, extra, 29500 + i, args.timeout, sys.stdout)["results"]
+            curve.append({"gbit": rate, "label": label, "results": results, "wall_s": time.time() - t0,
+                          "loadavg_1m_before": load0, "loadavg_1m": os.getloadavg()[0]})
+            print((summarize_fsdp if fsdp else summarize)(curve[-1:], hooks), flush=True)
         print("\nstep time vs link rate (median of steps after the first 2; speedup = baseline step / this step)")
-        print(summarize(curve, hooks))
+        if fsdp:
+            print("allowed = the baseline's measured interface bytes per step / this config's (all-gathers "
+                  "included): the speedup if time were bytes; achieved = speedup / allowed")
+        print((summarize_fsdp if fsdp else summarize)(curve, hooks))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "machine": platform.processor() or platform.machine(),
-                           "cpus": os.cpu_count(), "model_args": MODEL_ARGS + extra, "steps": args.steps,
-                           "curve": curve}, f, indent=1)
+                           "cpus": os.cpu_count(), "model_args": model_args + extra, "steps": args.steps,
+                           "parallel": args.parallel, "curve": curve}, f, indent=1)
             print("wrote", args.json)
         if args.plot:
-            plot(args.plot, curve, hooks, meta)
+            (plot_fsdp if fsdp else plot)(args.plot, curve, hooks, meta)
             print("wrote", args.plot)
     finally:
         topo.destroy()
