@@ -64,10 +64,10 @@ test-cuda-emu: deps
 	cd $(SAN) && $(SAN_ENV) PYPERF_TEST_ROOT=$(abspath $(SAN)) $(abspath $(VPY)) -m pytest -q -p no:cacheprovider --capture=sys \
 	    $(addprefix $(CURDIR)/,$(KERNEL_TESTS))
 
-# Registers, shared memory and spills of every CUDA kernel (sm_90, from the objects `make build` compiled);
+# Registers, shared memory and spills of every CUDA kernel (sm_90: ptxas on the device code of csrc/cuda);
 # fails on any spill or stack frame.
 cuda-resources: build
-	$(VPY) scripts/cuda_resources.py build/temp-$(TORCH_TAG)
+	$(VPY) scripts/cuda_resources.py
 
 bench: build
 	$(VPY) -m pyperf.bench all
