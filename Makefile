@@ -2,6 +2,8 @@
 # environment for the torch it tests (.venv/torch-<version>: versions never mix), installs what it needs, builds
 # pyperf._C in place, then runs. CI (.ci/run) runs `make test` on torch 2.14.1 and the Python tests again on 2.11.0.
 #   make test TORCH=torch==2.11.0 PYPERF_CUDA=0    the tests against another torch (CPU kernels only: quicker)
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PY ?= python3
 TORCH ?= torch==2.14.1
 TORCH_TAG := $(subst ==,-,$(TORCH))
@@ -19,7 +21,7 @@ KERNEL_TESTS := tests/test_pack.py tests/test_quant.py tests/test_quant_tensors.
 SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
            ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
-.PHONY: deps build demo test test-py test-cpp cuda-emu test-cuda-emu cuda-resources bench clean
+.PHONY: deps build demo test test-py test-py-others test-cpp cuda-emu test-cuda-emu cuda-resources bench clean
 
 deps: $(VENV)/.deps
 
@@ -30,17 +32,24 @@ $(VENV)/.deps: requirements-dev.txt
 	touch $@
 
 # --force: the in-place .so may come from another torch's build; ninja still recompiles only what changed (each
-# torch has its own object directory).
+# torch has its own object directory). The log keeps ptxas's register/spill report for `make cuda-resources`.
 build: deps
-	$(VPY) setup.py -q build_ext --inplace --force --build-temp build/temp-$(TORCH_TAG)
+	mkdir -p build/temp-$(TORCH_TAG)
+	PYPERF_PTXAS_VERBOSE=1 $(VPY) setup.py -q build_ext --inplace --force --build-temp build/temp-$(TORCH_TAG) 2>&1 \
+	    | tee build/temp-$(TORCH_TAG)/build.log
 
 demo: build
 	$(VPY) examples/train_gpt_ddp.py $(DEMO_ARGS)
 
-test: build test-cpp test-py test-cuda-emu cuda-resources
+# Every test once: the kernel tests (CPU kernels and emulated CUDA kernels) under the sanitizers in test-cuda-emu,
+# the rest in test-py-others.
+test: build test-cpp test-py-others test-cuda-emu cuda-resources
 
 test-py: build
 	$(VPY) -m pytest -q tests
+
+test-py-others: build
+	$(VPY) -m pytest -q tests $(addprefix --ignore=,$(KERNEL_TESTS))
 
 test-cpp:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > /dev/null
@@ -64,10 +73,10 @@ test-cuda-emu: deps
 	cd $(SAN) && $(SAN_ENV) PYPERF_TEST_ROOT=$(abspath $(SAN)) $(abspath $(VPY)) -m pytest -q -p no:cacheprovider --capture=sys \
 	    $(addprefix $(CURDIR)/,$(KERNEL_TESTS))
 
-# Registers, shared memory and spills of every CUDA kernel (sm_90: ptxas on the device code of csrc/cuda);
-# fails on any spill or stack frame.
+# Registers, shared memory and spills of every CUDA kernel (sm_90, ptxas: from the build log for what the build
+# compiled, by compiling the device code of the rest); fails on any spill or stack frame.
 cuda-resources: build
-	$(VPY) scripts/cuda_resources.py
+	$(VPY) scripts/cuda_resources.py --log build/temp-$(TORCH_TAG)/build.log
 
 bench: build
 	$(VPY) -m pyperf.bench all

@@ -6,6 +6,8 @@ no GPU is needed to build. Environment:
   TORCH_CUDA_ARCH_LIST     archs to build, default "8.0;9.0;10.0+PTX" (CI uses "9.0" for speed)
   CUDA_HOME                toolkit root; /usr/local/cuda is used when nvcc lives there and CUDA_HOME is unset
   MAX_JOBS                 parallel compile jobs (ninja)
+  PYPERF_PTXAS_VERBOSE=1   ptxas reports registers, shared memory and spills of every kernel (the Makefile sets it
+                           and keeps the log for scripts/cuda_resources.py)
   PYPERF_SANITIZE=1        build with AddressSanitizer + UBSan (make test-cuda-emu: the CPU kernels' tests run under
                            them; load with the sanitizer runtimes preloaded)
 The source list is csrc/sources.py, shared with CMakeLists.txt (which reads it through `python csrc/sources.py`).
@@ -89,6 +91,8 @@ def extensions():
     # break CPU/CUDA agreement of quantization and stochastic rounding. Kernels use fast intrinsics explicitly.
     nvcc = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr",
             "-DPYPERF_WITH_CUDA=1"]
+    if os.environ.get("PYPERF_PTXAS_VERBOSE") == "1":
+        nvcc += ["-Xptxas", "-v"]  # registers / spills per kernel in the build log (scripts/cuda_resources.py)
     link = []
     if os.environ.get("PYPERF_SANITIZE") == "1":
         san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]

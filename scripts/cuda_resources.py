@@ -1,10 +1,12 @@
 """Registers, shared memory, stack frame and spills of every CUDA kernel of pyperf, from ptxas itself.
 
-    python scripts/cuda_resources.py [--arch sm_90] [--out table.txt] [csrc/cuda/X.cu ...]
+    python scripts/cuda_resources.py [--arch sm_90] [--log build.log] [--out table.txt] [csrc/cuda/X.cu ...]
 
-Compiles the device code of each csrc/cuda/*.cu for one arch (`nvcc -cubin -Xptxas -v`, the flags setup.py uses),
-prints one row per kernel and exits 1 if any kernel spills registers or has a stack frame: the kernels keep their
-working set in registers by design (a spill moves it to local memory, i.e. through L1/L2, on every access).
+Prints one row per kernel and exits 1 if any kernel spills registers or has a stack frame: the kernels keep their
+working set in registers by design (a spill moves it to local memory, i.e. through L1/L2, on every access). The
+figures come from `--log`, the output of a build with PYPERF_PTXAS_VERBOSE=1 (`make build` keeps it), for the .cu
+files that build compiled; the others are compiled here (`nvcc -cubin -Xptxas -v`, device code only, setup.py's
+flags).
 """
 import argparse
 import os
@@ -44,6 +46,29 @@ def parse(text):
     return rows
 
 
+def from_log(path, arch):
+    """{.cu path: rows} for the sources a logged build compiled: each nvcc command line is followed by its output."""
+    if not os.path.exists(path):
+        return {}
+    out, cur, text = {}, None, []
+    cmd = re.compile(r"nvcc .* -c (\S+\.cu) ")
+
+    def flush():
+        if cur is not None:
+            rows = [r for r in parse("\n".join(text)) if r["arch"] == arch]
+            if rows:
+                out[os.path.abspath(cur)] = rows
+    for line in open(path, errors="replace"):
+        m = cmd.search(line)
+        if m:
+            flush()
+            cur, text = m.group(1), []
+        elif cur is not None:
+            text.append(line)
+    flush()
+    return out
+
+
 def demangle(names):
     try:
         out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
@@ -61,6 +86,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--out", help="also write the table here")
+    ap.add_argument("--log", help="a build log with ptxas -v output (PYPERF_PTXAS_VERBOSE=1)")
     ap.add_argument("files", nargs="*", help="only these .cu files (default: all of csrc/cuda)")
     args = ap.parse_args(argv)
     if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
@@ -75,7 +101,15 @@ def main(argv=None):
     incs += cpp_extension.include_paths(device_type="cuda") if "device_type" in \
         cpp_extension.include_paths.__code__.co_varnames else cpp_extension.include_paths(cuda=True)
     rows = []
+    logged = from_log(args.log, args.arch) if args.log else {}
     for cu in [os.path.abspath(f) for f in args.files] or sources.cuda_sources():
+        if cu in logged:
+            got = logged[cu]
+            for r in got:
+                r["file"] = os.path.basename(cu)
+            rows += got
+            print("cuda_resources: %s: %d kernels (from %s)" % (os.path.relpath(cu, ROOT), len(got), args.log))
+            continue
         t0 = time.time()
         cmd = [nvcc, "-cubin", "-o", os.devnull, "-arch=" + args.arch, "-O3", "-std=c++20",
                "--expt-relaxed-constexpr", "-DPYPERF_WITH_CUDA=1", "-Xptxas", "-v", cu] + ["-I" + i for i in incs]
