@@ -70,13 +70,16 @@ test-cuda-emu: deps
 	cmake -S . -B build/cmake-sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYPERF_SANITIZE=ON > /dev/null
 	cmake --build build/cmake-sanitize -j2
 	ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build/cmake-sanitize --output-on-failure
-	cd $(SAN) && $(SAN_ENV) PYPERF_TEST_ROOT=$(abspath $(SAN)) $(abspath $(VPY)) -m pytest -q -p no:cacheprovider --capture=sys \
-	    $(addprefix $(CURDIR)/,$(KERNEL_TESTS))
+	rm -f $(SAN)/emu-coverage.txt
+	cd $(SAN) && $(SAN_ENV) PYPERF_TEST_ROOT=$(abspath $(SAN)) PYPERF_EMU_COVERAGE=$(abspath $(SAN))/emu-coverage.txt \
+	    $(abspath $(VPY)) -m pytest -q -p no:cacheprovider --capture=sys $(addprefix $(CURDIR)/,$(KERNEL_TESTS))
 
 # Registers, shared memory and spills of every CUDA kernel (sm_90, ptxas: from the build log for what the build
-# compiled, by compiling the device code of the rest); fails on any spill or stack frame.
+# compiled, by compiling the device code of the rest); fails on any spill or stack frame, and, after
+# test-cuda-emu, on any compiled kernel that the tests never ran under the emulation.
 cuda-resources: build
-	$(VPY) scripts/cuda_resources.py --log build/temp-$(TORCH_TAG)/build.log
+	cov=$(SAN)/emu-coverage.txt; $(VPY) scripts/cuda_resources.py --log build/temp-$(TORCH_TAG)/build.log \
+	    $$([ -f $$cov ] && echo --executed $$cov)
 
 bench: build
 	$(VPY) -m pyperf.bench all

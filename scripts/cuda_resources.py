@@ -87,6 +87,8 @@ def main(argv=None):
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--out", help="also write the table here")
     ap.add_argument("--log", help="a build log with ptxas -v output (PYPERF_PTXAS_VERBOSE=1)")
+    ap.add_argument("--executed", help="the kernels the SIMT emulation ran (PYPERF_EMU_COVERAGE's file): fail if a "
+                    "compiled kernel never ran there")
     ap.add_argument("files", nargs="*", help="only these .cu files (default: all of csrc/cuda)")
     args = ap.parse_args(argv)
     if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
@@ -144,7 +146,53 @@ def main(argv=None):
         print("cuda_resources: %d kernel(s) spill or have a stack frame:\n  %s" % (len(bad), "\n  ".join(bad)))
         return 1
     print("cuda_resources: %d kernels, none spills or has a stack frame (%s)" % (len(rows), args.arch))
+    if args.executed:
+        compiled = {_key_demangled(n): short(n) for n in names}
+        ran = {_key_pretty(line.strip()) for line in open(args.executed) if line.strip()}
+        missing = sorted(v for k, v in compiled.items() if k not in ran)
+        print("cuda_resources: %d of the %d compiled kernels ran under the SIMT emulation (%s)"
+              % (len(compiled) - len(missing), len(compiled), args.executed))
+        if missing:
+            print("cuda_resources: never run by the tests under the emulation:\n  %s" % "\n  ".join(missing))
+            return 1
     return 0
+
+
+def _norm_arg(a):
+    a = re.sub(r"pyperf::|\{anonymous\}::|\(anonymous namespace\)::|c10::|at::|mta::|quant::", "", a)
+    return a.replace(" ", "").replace("true", "1").replace("false", "0")
+
+
+def _split_args(a):
+    out, depth, cur = [], 0, ""
+    for ch in a:
+        depth += ch in "<(" and 1 or (-1 if ch in ">)" else 0)
+        if ch == "," and depth == 0:
+            out.append(_norm_arg(cur))
+            cur = ""
+        else:
+            cur += ch
+    return out + [_norm_arg(cur)] if a else []
+
+
+def _key_demangled(name):
+    """(kernel, template args) of a c++filt name: void quantize_kernel<0, 1, XSrc<float, 4> >(...)."""
+    m = re.match(r"(?:void )?(?:\w+::|\(anonymous namespace\)::)*(\w+)(?:<(.*)>)?\(", name)
+    return (m.group(1), tuple(_split_args(m.group(2) or ""))) if m else (name, ())
+
+
+def _key_pretty(name):
+    """The same from GCC's __PRETTY_FUNCTION__ (the emulation's names): void ns::kernel(...) [with int F = 0; ...];
+    the typedefs GCC appends (int64_t = long int, ...) are not template arguments."""
+    m = re.match(r"(?:void )?(?:[\w:{} ]*::)?(\w+)\(.*?\)(?: \[with (.*)\])?$", name)
+    if not m:
+        return (name, ())
+    args = []
+    for part in (m.group(2) or "").split("; ") if m.group(2) else []:
+        k, v = part.split(" = ", 1)
+        if not re.search(r"_t$|::|<", k.split()[-1]):
+            args.append(_norm_arg(v))
+    return (m.group(1), tuple(args))
 
 
 if __name__ == "__main__":

@@ -318,6 +318,38 @@ def test_gradcheck_gated(activation):
     assert torch.autograd.gradcheck(lambda a, b: ops.gated_act(a, b, activation), (_d((3, 7)), _d((3, 7))))
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", [(3, 7), (5, 64)])
+def test_float64(device, shape):
+    """float64 (the dtype of gradcheck) through every activation kernel and variant: forward, backward with and
+    without a bias gradient, the gated ops split and not; vector (64: two doubles per 16 bytes) and scalar (7)."""
+    x, g, r = (rand(shape, torch.float64, device) for _ in range(3))
+    b = rand(shape[-1:], torch.float64, device)
+    L = lib(device)
+    tol = TOL[torch.float64]
+    for ap in APPROX:
+        y, ref = L.bias_gelu(x, b, ap), R.bias_gelu(x, b, ap)
+        torch.testing.assert_close(y, ref, atol=tol[0], rtol=tol[1])
+        want = ref_grads(lambda x_, b_: R.bias_gelu(x_, b_, ap), [x, b], g)[1]
+        for bias_grad in (True, False):
+            gx, gb = L.bias_gelu_backward(g, x, b, ap, bias_grad)
+            torch.testing.assert_close(gx, want[0], atol=tol[0], rtol=tol[1])
+            if bias_grad:
+                torch.testing.assert_close(gb, want[1], atol=tol[0] * shape[0], rtol=tol[1])
+    for bias_grad in (True, False):
+        gx, gb = L.bias_dropout_residual_backward(g, 0.3, 5, 6, bias_grad)
+        torch.testing.assert_close(gx, g * R.dropout_scale(0.3, 5, 6, shape).double().to(gx.device), atol=0, rtol=0)
+    for act in GATED:
+        for a, bb in ((torch.cat([x, r], -1), None), (x, r)):
+            y = L.gated_act(a, bb, act)
+            torch.testing.assert_close(y, R.gated_act(a, bb, act), atol=tol[0], rtol=tol[1])
+            ga, gb = L.gated_act_backward(g, a, bb, act)
+            want = ref_grads(lambda a_, b_=None: R.gated_act(a_, b_, act), [a] + ([bb] if bb is not None else []), g)
+            torch.testing.assert_close(ga, want[1][0], atol=tol[0], rtol=tol[1])
+            if bb is not None:
+                torch.testing.assert_close(gb, want[1][1], atol=tol[0], rtol=tol[1])
+
+
 # ---- opcheck -------------------------------------------------------------------------------------------------
 
 def _opcheck_cases(device):

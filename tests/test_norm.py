@@ -282,6 +282,17 @@ def test_misaligned_and_long_rows(device, kind):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_long_rows_other_dtypes(device, kind, dtype):
+    """The streamed forward and the row-sums + column-tile backward of CUDA (rows > 8192 / 4096) in fp32 and fp16,
+    vector (12288, aligned) and scalar (8195) paths (bf16 is in test_misaligned_and_long_rows)."""
+    for N in (12288, 8195):
+        x, r, w, b = _inputs(kind, 2, N, dtype, device)
+        _check_against_reference(kind, x, r, w, b, 1e-5, "input", dtype)
+
+
+@pytest.mark.parametrize("device", devices())
 def test_poisoned_allocations(device):
     """Outputs come from the allocator: fill same-sized blocks with nan and free them first, so an element the
     kernels do not write shows up as nan."""

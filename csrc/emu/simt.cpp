@@ -5,6 +5,8 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
+#include <set>
 #include <sstream>
 #include <vector>
 
@@ -457,9 +459,33 @@ void check_config(const LaunchConfig& c) {
   throw Unwind{};  // to fiber_entry, which finishes this fiber; the scheduler then abandons the launch
 }
 
+// PYPERF_EMU_COVERAGE=FILE: every kernel instantiation that ran, one per line, appended to FILE at exit (which
+// kernels the tests reach; compare with what ptxas compiled: scripts/cuda_resources.py).
+namespace {
+struct Coverage {
+  std::mutex mu;
+  std::set<std::string> seen;
+  ~Coverage() {
+    const char* path = std::getenv("PYPERF_EMU_COVERAGE");
+    if (path == nullptr || seen.empty()) return;
+    if (FILE* f = std::fopen(path, "a")) {
+      for (const std::string& k : seen) std::fprintf(f, "%s\n", k.c_str());
+      std::fclose(f);
+    }
+  }
+};
+Coverage g_coverage;
+}  // namespace
+
 void kernel_entry(long long max_threads, const char* kernel) {
   Emulator& e = emu();
-  if (e.kernel == nullptr) e.kernel = kernel;
+  if (e.kernel == nullptr) {
+    e.kernel = kernel;
+    if (std::getenv("PYPERF_EMU_COVERAGE") != nullptr) {
+      std::lock_guard<std::mutex> lock(g_coverage.mu);
+      g_coverage.seen.insert(kernel);
+    }
+  }
   const long long threads = e.nthreads;
   if (max_threads > 0 && threads > max_threads) {
     fail_in_thread("launched with " + std::to_string(threads) + " threads per block, more than its __launch_bounds__(" +
