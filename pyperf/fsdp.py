@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from pyperf import ops as _q
-from pyperf.comm.hooks import _sum_small
+from pyperf.comm.hooks import _runs, _sum_small
 from pyperf.comm.quantized import check_format, mix_seed
 
 KINDS = ("fp32", "bf16", "fp16", "int8", "int4", "fp8", "fp8_e4m3", "fp8_e5m2")
@@ -129,18 +129,6 @@ class FSDPStats:
 
     def __repr__(self):
         return "FSDPStats(%s)" % ", ".join("%s=%s" % kv for kv in self.as_dict().items())
-
-
-def _runs(ranges):
-    out = []
-    for a, b in ranges:
-        if b <= a:
-            continue
-        if out and out[-1][1] == a:
-            out[-1][1] = b
-        else:
-            out.append([a, b])
-    return [tuple(r) for r in out]
 
 
 class _Plan:

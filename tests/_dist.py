@@ -25,19 +25,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, backend, err_dir, args):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
+def _run_rank(rank, err_dir, run):
+    """Runs this rank's work, tears its process group down, writes the traceback for the parent on failure, and
+    leaves without interpreter finalization."""
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
         try:
-            fn(rank, world_size, *args)
+            run()
         finally:
             # Drop DDP models, hook states and futures (which hold the process group) on this thread first: the
             # last reference to a Gloo group released on one of its own worker threads aborts the process.
             gc.collect()
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
             gc.collect()
     except BaseException:
         with open(os.path.join(err_dir, "rank%d.txt" % rank), "w") as f:
@@ -51,6 +50,17 @@ def _entry(rank, fn, world_size, port, backend, err_dir, args):
     os._exit(0)
 
 
+def _entry(rank, fn, world_size, port, backend, err_dir, args):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+
+    def run():
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        fn(rank, world_size, *args)
+    _run_rank(rank, err_dir, run)
+
+
 def _launched_entry(rank, fn, world_size, port, env, err_dir, args):
     if env.pop("_as_torchrun"):
         # what torchrun sets for each process; the framework under test initializes the process group from it
@@ -61,21 +71,7 @@ def _launched_entry(rank, fn, world_size, port, env, err_dir, args):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.update(env)
     torch.set_num_threads(1)
-    try:
-        try:
-            fn(rank, world_size, *args)
-        finally:
-            gc.collect()
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            gc.collect()
-    except BaseException:
-        with open(os.path.join(err_dir, "rank%d.txt" % rank), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)          # see _entry
+    _run_rank(rank, err_dir, lambda: fn(rank, world_size, *args))
 
 
 def launch_ranks(fn, world_size, *args, env=None, as_torchrun=True):

@@ -1,7 +1,7 @@
 // The CUDA runtime as pyperf's kernels use it, in one place, so that csrc/cuda/*.cu compile with nvcc and, as they
 // are, as host C++ under the SIMT emulation (csrc/emu/runtime.h replaces this part when PYPERF_CUDA_EMU is set):
-//   pyperf::cuda::launch(kernel, grid, block, stream, args...)   kernel<<<grid, block, 0, stream>>>(args...), then
-//                                                                the launch check
+//   pyperf::cuda::launch(kernel, grid, block, stream, args...)   the triple-chevron launch on `stream` with no
+//                                                                dynamic shared memory, then the launch check
 //   pyperf::cuda::DeviceGuard, current_stream(), sm_count(device), max_active_blocks(kernel, threads)
 //   PYPERF_CUDA_KERNELS(m)                                       TORCH_LIBRARY_IMPL(pyperf, CUDA, m)
 #pragma once
