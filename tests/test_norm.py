@@ -283,6 +283,17 @@ def test_misaligned_and_long_rows(device, kind):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("kind", ["rms", "ln"])
+@pytest.mark.parametrize("M,N", [(8, 0), (0, 0), (0, 8)])
+def test_empty_rows_and_columns(device, kind, M, N):
+    """0 in every dim, forward and backward (a last dim of 0 once divided by zero in an activation's CUDA launch
+    plan; the norms' plans must take it too)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, r, w, b = _inputs(kind, M, N, dtype, device)
+        _check_against_reference(kind, x, r, w, b, 1e-5, "input", dtype)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", ["rms", "ln"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_long_rows_other_dtypes(device, kind, dtype):
     """The streamed forward and the row-sums + column-tile backward of CUDA (rows > 8192 / 4096) in fp32 and fp16,
