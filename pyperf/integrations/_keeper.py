@@ -10,6 +10,22 @@ def framework_missing(module, package, error):
                        % (module, package, error, package))
 
 
+class KeeperViews:
+    """The read-only views a callback holding a HookKeeper in `self._keeper` gives its users."""
+
+    @property
+    def kind(self):
+        return self._keeper.kind
+
+    @property
+    def options(self):
+        return dict(self._keeper.options)
+
+    @property
+    def state(self):
+        return self._keeper.state
+
+
 class HookKeeper:
     """Owns one pyperf hook for a framework callback.
 

@@ -14,7 +14,7 @@ import sys
 
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pyperf.integrations._keeper import HookKeeper, framework_missing
+from pyperf.integrations._keeper import HookKeeper, KeeperViews, framework_missing
 
 # The unified package (lightning.pytorch) unless only the standalone one (pytorch_lightning) is in use: the base
 # class should be the Callback of the package whose Trainer runs it.
@@ -35,7 +35,7 @@ else:
 __all__ = ["CommHook"]
 
 
-class CommHook(_pl.Callback):
+class CommHook(KeeperViews, _pl.Callback):
     """A Lightning Callback that registers pyperf's `kind` comm hook (allreduce, bf16, fp16, int8, int4, fp8, ...;
     options as for pyperf.hooks.register) on the strategy's DistributedDataParallel model at the start of every
     fit, on any device (CPU/Gloo included), and keeps every rank's hook state in Lightning's checkpoints
@@ -50,18 +50,6 @@ class CommHook(_pl.Callback):
         self._keeper = HookKeeper("CommHook", kind, options,
                                   fresh_hint="to start the hook afresh, delete checkpoint['callbacks'][%r] from the "
                                              "checkpoint file" % self.state_key)
-
-    @property
-    def kind(self):
-        return self._keeper.kind
-
-    @property
-    def options(self):
-        return dict(self._keeper.options)
-
-    @property
-    def state(self):
-        return self._keeper.state
 
     def on_fit_start(self, trainer, pl_module):
         strategy = trainer.strategy

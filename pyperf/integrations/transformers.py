@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pyperf.integrations._keeper import HookKeeper, framework_missing
+from pyperf.integrations._keeper import HookKeeper, KeeperViews, framework_missing
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -46,7 +46,7 @@ def _running_train():
                        "inside Trainer.train() (and subclasses whose train() calls it)")
 
 
-class CommHookCallback(TrainerCallback):
+class CommHookCallback(KeeperViews, TrainerCallback):
     """A TrainerCallback that registers pyperf's `kind` comm hook (allreduce, bf16, fp16, int8, int4, fp8, ...;
     options as for pyperf.hooks.register) on the Trainer's DistributedDataParallel model when training begins, and
     saves every rank's hook state with each Trainer checkpoint (checkpoint-N/pyperf_comm_hook.pt, an AllRanks dict,
@@ -62,18 +62,6 @@ class CommHookCallback(TrainerCallback):
         self._keeper = HookKeeper("CommHookCallback", kind, options,
                                   fresh_hint="to start the hook afresh, delete %s from the checkpoint folder"
                                              % FILENAME)
-
-    @property
-    def kind(self):
-        return self._keeper.kind
-
-    @property
-    def options(self):
-        return dict(self._keeper.options)
-
-    @property
-    def state(self):
-        return self._keeper.state
 
     def on_train_begin(self, args, state, control, **kwargs):
         trainer, resume, _ = _running_train()
