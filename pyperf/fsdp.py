@@ -11,10 +11,12 @@ dim-0 chunk padded, in the parameter group's order) and calls our comm with the 
 `op`. Each rank quantizes every row blockwise, blocks starting at parameter boundaries inside the row (so a
 parameter's scales never mix with its neighbour's), into one uint8 wire per row:
 [quantized blocks (ops.quantize_tensors)][fp32 values of the parameters below min_numel][fp32 sentinel].
-One all_to_all_single hands row s of every rank to rank s, which runs one fused pass (ops.reduce_quantized_tensors):
+One all-to-all of the rows (all_to_all_single; on Gloo 1 MB point-to-point messages, pyperf.comm.transport, which
+fill the link where Gloo's all_to_all reaches half of it) hands row s of every rank to rank s, which runs one fused
+pass (ops.reduce_quantized_tensors):
 dequantize, sum in fp32 in rank order 0..W-1, times the op's scale, written into the output shard in FSDP's reduce
 dtype. Each rank sends (W - 1) of its W wires: about 0.254x (int8) / 0.129x (int4) of an fp32 reduce-scatter's bytes
-with 256-element blocks, for any world size, in one collective. The result is deterministic (fixed rank order).
+with 256-element blocks, for any world size, in one exchange. The result is deterministic (fixed rank order).
 
 Why the rest looks the way it does:
 - FSDP's input holds only the parameters that have a gradient this step, so the layout is read when FSDP decides
@@ -46,6 +48,7 @@ import torch.distributed as dist
 from pyperf import ops as _q
 from pyperf.comm.hooks import _runs, _sum_small
 from pyperf.comm.quantized import check_format, mix_seed
+from pyperf.comm.transport import all_gather_rows, all_to_all_rows
 
 KINDS = ("fp32", "bf16", "fp16", "int8", "int4", "fp8", "fp8_e4m3", "fp8_e5m2")
 _QUANT_FMT = {"int8": "int8", "int4": "int4", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
@@ -58,10 +61,11 @@ _FORMAT = 1   # state_dict format
 
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-try:   # the protocol FSDP documents for set_custom_reduce_scatter (private module; FSDP itself only duck-types)
+try:   # the protocols FSDP documents for set_custom_reduce_scatter / _all_gather (private module; FSDP duck-types)
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather as _AllGatherBase
     from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter as _ReduceScatterBase
 except ImportError:  # pragma: no cover
-    _ReduceScatterBase = object
+    _AllGatherBase = _ReduceScatterBase = object
 
 
 def _graph_task_id():
@@ -426,7 +430,7 @@ class FSDPCompressionState:
             send = self._buffer("send_cast", W * S, dt, inp.device)
             send.copy_(inp.view(-1))
         recv = self._buffer("recv_cast", W * S, dt, inp.device)
-        dist.all_to_all_single(recv, send, group=group)
+        all_to_all_rows(recv.view(W, S), send.view(W, S), group)
         rows = recv.view(W, S)
         tot = self._buffer("sum", S, torch.float32, inp.device)
         tot.copy_(rows[0])
@@ -496,7 +500,7 @@ class FSDPCompressionState:
             sent.zero_()
         else:
             sent.fill_(torch.where(bad, float("nan"), 0.0))
-        dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
+        all_to_all_rows(recv, send, group)
         st.bytes_sent += (W - 1) * plan.row_bytes
         if plan.nblocks:
             _q.reduce_quantized_tensors(recv[:, :qb], [o[plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.big],
@@ -779,4 +783,60 @@ def register(model, kind, **options):
     return state
 
 
-__all__ = ["KINDS", "FSDPCompressionState", "FSDPStats", "op_scale", "register"]
+class _AllGather(_AllGatherBase):
+    """What FSDP calls for its parameter all-gathers: comm.allocate(...), comm(output_tensor=, input_tensor=, group=,
+    async_op=). Returns a Work, async_op or not: FSDP waits on it before it copies the parameters out
+    (wait_for_unshard), which on the GPU is what async_op=False means anyway (stream-ordered, not host-blocking).
+    On the CPU that lets the all-gather FSDP prefetches for the next module in backward travel while this
+    module's backward computes, where Gloo's blocking all-gather holds the computation until it arrives."""
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        W = dist.get_world_size(group)
+        return all_gather_rows(output_tensor.view(W, -1), input_tensor, group, async_op=True)
+
+
+class AllGatherHandle:
+    """What register_all_gather returns: remove() gives the modules back the all-gathers they had."""
+
+    def __init__(self, saved):
+        self._saved = saved
+
+    def remove(self):
+        for g, comm in self._saved:
+            g._all_gather_comm = comm
+        self._saved = []
+
+
+def register_all_gather(model):
+    """FSDP's parameter all-gathers, for every FSDP2 module in `model`, as 1 MB point-to-point messages on Gloo
+    (pyperf.comm.transport): the same bytes and a bit-identical result, where Gloo's all_gather_into_tensor, one
+    message per peer, reaches about 60% of a 1 Gbit/s link. Not compression: the all-gathers send what they sent.
+    On other backends (NCCL) the comm calls the backend's all-gather, as FSDP does. Independent of register();
+    returns a handle whose remove() restores what the modules had."""
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError("model: expected a torch.nn.Module that is or contains fully_shard modules, got %s"
+                        % type(model).__name__)
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not mods:
+        raise TypeError("model: expected a module that is or contains fully_shard (FSDP2) modules, got a %s without "
+                        "any (apply torch.distributed.fsdp.fully_shard first)" % type(model).__name__)
+    saved = []
+    comm = _AllGather()
+    for m in mods:
+        gs = _fsdp_param_groups(m)
+        if len(gs) > 1:
+            raise NotImplementedError("register_all_gather: %s has %d FSDP parameter groups (per-parameter meshes); "
+                                      "FSDP's custom all-gather takes one" % (type(m).__name__, len(gs)))
+        saved += [(g, g._all_gather_comm) for g in gs]
+    for m in mods:
+        if _fsdp_param_groups(m):
+            m.set_custom_all_gather(comm)
+    return AllGatherHandle(saved)
+
+
+__all__ = ["KINDS", "AllGatherHandle", "FSDPCompressionState", "FSDPStats", "op_scale", "register",
+           "register_all_gather"]

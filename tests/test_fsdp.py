@@ -505,10 +505,64 @@ def _body_hsdp(rank, W):
         pyperf.fsdp.register(m, "int8")
 
 
+# ---- register_all_gather: the same parameters, bit for bit ---------------------------------------------------------
+def _params_after(rank, steps, net_kw, kind=None, all_gather=False, prefetch=False, chunk=None):
+    """Every parameter's local shard after `steps` AdamW steps (the all-gathers feed forward and backward)."""
+    import pyperf.fsdp
+    from pyperf.comm import transport
+    m = _net(**net_kw)
+    if prefetch:   # several all-gathers in flight at once
+        m.a.set_modules_to_forward_prefetch([m.b])
+        m.b.set_modules_to_backward_prefetch([m.a])
+    if kind is not None:
+        pyperf.fsdp.register(m, kind, block_size=32, min_numel=0)
+    handle = pyperf.fsdp.register_all_gather(m) if all_gather else None
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    saved = transport.CHUNK_BYTES
+    if chunk is not None:
+        transport.CHUNK_BYTES = chunk
+    try:
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            _loss(m, *_batch(rank, step)).backward()
+            opt.step()
+    finally:
+        transport.CHUNK_BYTES = saved
+    return {n: p.to_local().detach().clone() for n, p in m.named_parameters()}, m, handle
+
+
+def _body_all_gather(rank, W):
+    import pyperf.fsdp
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for net_kw in (dict(), dict(reshard=False), dict(mp=bf16), dict(frozen=True)):
+        for kind in (None, "int8"):
+            for prefetch in (False, True):
+                ref, _, _ = _params_after(rank, 3, net_kw, kind, prefetch=prefetch)
+                got, _, _ = _params_after(rank, 3, net_kw, kind, all_gather=True, prefetch=prefetch, chunk=200)
+                for n in ref:
+                    assert torch.equal(got[n], ref[n]), (net_kw, kind, prefetch, n)
+    # remove(): the modules get back the all-gathers they had
+    _, m, handle = _params_after(rank, 1, {}, all_gather=True)
+    comms = {type(g._all_gather_comm).__name__ for x in _fsdp_modules(m) for g in _groups(x)}
+    assert comms == {"_AllGather"}, comms
+    handle.remove()
+    comms = {type(g._all_gather_comm).__name__ for x in _fsdp_modules(m) for g in _groups(x)}
+    assert "_AllGather" not in comms, comms
+    with pytest.raises(TypeError, match="fully_shard"):
+        pyperf.fsdp.register_all_gather(_net(shard=False))
+    with pytest.raises(TypeError, match="nn.Module"):
+        pyperf.fsdp.register_all_gather("model")
+
+
+def _groups(m):
+    st = m._get_fsdp_state()
+    return [g for g in (getattr(st, "_fsdp_param_groups", None) or [st._fsdp_param_group]) if g is not None]
+
+
 # ---- the multi-rank tests: several bodies per process group (each spawn costs seconds of imports) -----------------
 def test_kinds_ops_exact_modes_stats_errors_2_ranks():
     run_ranks(_run_all, 2, [(_body_exact, ()), (_body_kinds_ops, (KINDS,)), (_body_modes, ()), (_body_stats, ()),
-                            (_body_errors, ())])
+                            (_body_errors, ()), (_body_all_gather, ())])
 
 
 def test_error_feedback_gradscaler_resume_2_ranks(tmp_path):
@@ -519,7 +573,7 @@ def test_error_feedback_gradscaler_resume_2_ranks(tmp_path):
 def test_4_ranks(tmp_path):
     """4 ranks: a padding-only shard, a rank that neither sends nor receives the inf, owners of blocks round-robin."""
     run_ranks(_run_all, 4, [(_body_exact, ()), (_body_kinds_ops, (("int8", "int4", "fp8", "bf16", "fp16"),)),
-                            (_body_scaler, ()), (_body_stats, ()), (_body_hsdp, ()),
+                            (_body_scaler, ()), (_body_stats, ()), (_body_hsdp, ()), (_body_all_gather, ()),
                             (_body_resume, (str(tmp_path), RESUME_CONFIGS[:2]))])
 
 
