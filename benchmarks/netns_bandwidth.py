@@ -235,23 +235,37 @@ FSDP_MODEL_ARGS = MODEL_ARGS[:MODEL_ARGS.index("--bucket-cap-mb")]      # the sa
 
 
 def _fsdp_key(r):
-    return "%s/%s" % (r["hook"], "reshard" if r["reshard_after_forward"] else "keep")
+    return "%s/%s%s" % (r["hook"], "reshard" if r["reshard_after_forward"] else "keep",
+                        "+pyAG" if r.get("all_gather") == "pyperf" else "")
+
+
+def _groups(results):
+    """(reshard_after_forward, all_gather) settings present, in run order."""
+    seen = []
+    for r in results:
+        k = (r["reshard_after_forward"], r.get("all_gather", "fsdp"))
+        if k not in seen:
+            seen.append(k)
+    return seen
 
 
 def summarize_fsdp(curve, hooks):
     """Per rate and reshard setting: step time, bytes (reduce-scatter from the state or FSDP's layout; all-gathers
     from the layout; the interface's tx bytes measured), speedups vs FSDP's fp32 and bf16-reduce-dtype
-    reduce-scatters, the speedup the measured bytes allow, and the final loss against FSDP's default."""
+    reduce-scatters, the speedup the measured bytes allow, and the final loss against FSDP's default. The baselines
+    are those of the same reshard and all-gather setting (+pyAG: pyperf.fsdp.register_all_gather in every run of the
+    group, baselines included); "vs stock" is against FSDP's fp32 reduce-scatter with FSDP's own all-gathers."""
     lines = []
-    head = "%-10s %-26s %8s %8s %8s %8s %8s %8s %8s %8s %10s %8s" % (
+    head = "%-10s %-32s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s %10s %8s" % (
         "link", "config", "step ms", "RS MB", "wire MB", "vs fp32", "allowed", "achieved", "vs bf16", "allowed",
-        "final loss", "vs fp32")
+        "achieved", "vs stock", "final loss", "vs fp32")
     lines += [head, "-" * len(head)]
     for point in curve:
-        for reshard in (True, False):
-            res = {r["hook"]: r for r in point["results"] if r["reshard_after_forward"] == reshard}
-            if not res:
-                continue
+        for reshard, ag in _groups(point["results"]):
+            res = {r["hook"]: r for r in point["results"]
+                   if r["reshard_after_forward"] == reshard and r.get("all_gather", "fsdp") == ag}
+            stock = next((r for r in point["results"] if r["reshard_after_forward"] == reshard and
+                          r.get("all_gather", "fsdp") == "fsdp" and r["hook"] == "torch-reducescatter"), None)
             b32, b16 = res.get("torch-reducescatter"), res.get("torch-bf16-reduce")
             for h in hooks:
                 r = res.get(h)
@@ -261,13 +275,13 @@ def summarize_fsdp(curve, hooks):
                                                          r["bytes_per_step"] / 1e6, r["wire_bytes_per_step"] / 1e6)
                 for b in (b32, b16):
                     if b is None:
-                        row += " %8s %8s" % ("-", "-") + (" %8s" % "-" if b is b32 else "")
+                        row += " %8s %8s %8s" % ("-", "-", "-")
                         continue
                     sp = b["median_step_s"] / r["median_step_s"]
                     allowed = b["wire_bytes_per_step"] / r["wire_bytes_per_step"]
                     row += " %7.2fx %7.2fx" % (sp, allowed)
-                    if b is b32:
-                        row += " %7.0f%%" % (100 * sp / allowed) if allowed == allowed else " %8s" % "-"
+                    row += " %7.0f%%" % (100 * sp / allowed) if allowed == allowed else " %8s" % "-"
+                row += " %7.2fx" % (stock["median_step_s"] / r["median_step_s"]) if stock else " %8s" % "-"
                 ref = b32["final_loss"] if b32 else float("nan")
                 row += " %10.4f %+7.2f%%" % (r["final_loss"], 100 * (r["final_loss"] / ref - 1))
                 lines.append(row)
@@ -286,14 +300,26 @@ def plot_fsdp(path, curve, hooks, meta):
     x_unl = (max(xs) if xs else 1.0) * 3
     pts = limited + unl[:1]
     xs = xs + ([x_unl] if unl else [])
+    ags = []
+    for p in pts:
+        for _, ag in _groups(p["results"]):
+            if ag not in ags:
+                ags.append(ag)
     for ax, reshard in zip(axes, (True, False)):
         for i, h in enumerate(hooks):
-            sp = []
-            for p in pts:
-                res = {r["hook"]: r for r in p["results"] if r["reshard_after_forward"] == reshard}
-                b, r = res.get("torch-reducescatter"), res.get(h)
-                sp.append(b["median_step_s"] / r["median_step_s"] if b and r else None)
-            ax.plot(xs, sp, "--" if h.startswith("torch") else "-", marker="o", color="C%d" % i, label=h)
+            for ag in ags:
+                sp = []
+                for p in pts:
+                    res = {r["hook"]: r for r in p["results"] if r["reshard_after_forward"] == reshard and
+                           r.get("all_gather", "fsdp") == ag}
+                    stock = {r["hook"]: r for r in p["results"] if r["reshard_after_forward"] == reshard and
+                             r.get("all_gather", "fsdp") == "fsdp"}
+                    b, r = stock.get("torch-reducescatter"), res.get(h)
+                    sp.append(b["median_step_s"] / r["median_step_s"] if b and r else None)
+                if any(v is not None for v in sp):
+                    ax.plot(xs, sp, "--" if h.startswith("torch") else "-", marker="o" if ag == "fsdp" else "s",
+                            color="C%d" % i, alpha=1.0 if ag == "fsdp" else 0.6,
+                            label=h + (" +pyperf all-gather" if ag == "pyperf" else ""))
         ax.set_xscale("log")
         ticks = [p["gbit"] for p in limited] + ([x_unl] if unl else [])
         ax.set_xticks(ticks)
@@ -318,6 +344,8 @@ def main(argv=None):
     p.add_argument("--hooks", default=None, help="default: %s (ddp), %s (fsdp)" % (DEFAULT_HOOKS, FSDP_HOOKS))
     p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"], help="DDP hooks or FSDP2 reduce-scatters")
     p.add_argument("--reshard", default="true,false", help="fsdp: reshard_after_forward settings to run")
+    p.add_argument("--all-gather", default="fsdp", help="fsdp: all-gather settings to run (fsdp, pyperf or both: "
+                   "pyperf = pyperf.fsdp.register_all_gather in every run of that launch, baselines included)")
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="steps per hook (median of all but the first 2)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per rate")
@@ -364,10 +392,12 @@ def main(argv=None):
             t0 = time.time()
             if fsdp:
                 results = []
-                for j, reshard in enumerate(reshards):
+                settings = [(rs, ag) for ag in args.all_gather.split(",") for rs in reshards]
+                for j, (reshard, ag) in enumerate(settings):
                     flag = "--reshard-after-forward" if reshard else "--no-reshard-after-forward"
-                    doc = run_rate(topo, hooks, args.steps, extra + [flag], 29500 + 2 * i + j, args.timeout,
-                                   sys.stdout, demo=FSDP_DEMO, model_args=model_args)
+                    doc = run_rate(topo, hooks, args.steps, extra + [flag, "--all-gather", ag],
+                                   29500 + 8 * i + j, args.timeout, sys.stdout, demo=FSDP_DEMO,
+                                   model_args=model_args)
                     results += doc["results"]
             else:
                 results = run_rate(topo, hooks, args.steps, extra, 29500 + i, args.timeout, sys.stdout)["results"]

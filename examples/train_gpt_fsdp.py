@@ -105,6 +105,9 @@ def train(args, hook, rank, world, device, corpus):
     torch.manual_seed(args.seed)
     model = shard(base.build_model(args).to(device), args, hook)
     state = register(model, hook, args)
+    if args.all_gather == "pyperf":
+        import pyperf.fsdp
+        pyperf.fsdp.register_all_gather(model)
     opt = base.make_optimizer(model, args)
     data = base.Batches(corpus, args.seq_len, args.batch_size, rank, world, args.seed)
     tokens_per_step = args.batch_size * args.seq_len * world
@@ -156,7 +159,8 @@ def train(args, hook, rank, world, device, corpus):
             "wire_bytes_per_step": sorted(wire)[len(wire) // 2] if wire else float("nan"),
             "final_loss": sum(tail) / len(tail) if tail else float("nan"),
             "params": sum(p.numel() for p in model.parameters()), "world_size": world,
-            "reshard_after_forward": args.reshard_after_forward, "param_dtype": args.param_dtype,
+            "reshard_after_forward": args.reshard_after_forward, "all_gather": args.all_gather,
+            "param_dtype": args.param_dtype,
             "reduce_dtype": "bf16" if hook == "torch-bf16-reduce" else args.reduce_dtype,
             "stats": base._jsonable(state.stats.as_dict()) if state is not None else {}}
 
@@ -183,10 +187,10 @@ def worker(rank, world, args, device):
     corpus = base.load_corpus(args.data_bytes)
     if rank == 0 and not args.quiet:
         print("GPT d=%d layers=%d heads=%d seq=%d batch=%dx%d ranks | FSDP2 reshard_after_forward=%s param %s "
-              "reduce %s | %s, %s, %d thread(s)/rank" % (
+              "reduce %s all-gather %s | %s, %s, %d thread(s)/rank" % (
                   args.d_model, args.layers, args.heads, args.seq_len, args.batch_size, world,
-                  args.reshard_after_forward, args.param_dtype, args.reduce_dtype, device.type, dist.get_backend(),
-                  threads), flush=True)
+                  args.reshard_after_forward, args.param_dtype, args.reduce_dtype, args.all_gather, device.type,
+                  dist.get_backend(), threads), flush=True)
     hooks = args.hooks.split(",") if args.compare else [args.hook]
     results = []
     for h in hooks:
@@ -231,6 +235,9 @@ def parse_args(argv=None):
     p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
                    help="fully_shard(reshard_after_forward=): free the parameters after forward and all-gather "
                    "them again in backward")
+    p.add_argument("--all-gather", default="fsdp", choices=["fsdp", "pyperf"],
+                   help="FSDP's parameter all-gathers: FSDP's own, or pyperf.fsdp.register_all_gather's (on Gloo "
+                        "1 MB point-to-point messages, prefetches overlapped; the same bytes), for every hook")
     p.add_argument("--param-dtype", default="fp32", choices=sorted(_DTYPES), help="MixedPrecisionPolicy param_dtype")
     p.add_argument("--reduce-dtype", default="fp32", choices=sorted(_DTYPES),
                    help="MixedPrecisionPolicy reduce_dtype (torch-bf16-reduce forces bf16)")

@@ -101,7 +101,9 @@ class FSDPStats:
         self.compressed_reduce_scatters = 0
         self.bytes_sent = 0                # bytes this rank sent
         self.bytes_fp32 = 0                # what an fp32 reduce-scatter of the same input would have sent
-        self.comm_time_s = 0.0             # host time in the reduce-scatter calls (on CUDA: launch time)
+        self.comm_time_s = 0.0             # host time in the reduce-scatter calls (CUDA: launch time; overlapped:
+                                           # until the rows are on their way)
+        self.overlapped_reduce_scatters = 0    # calls whose rows travelled on while backward went on (CPU + Gloo)
         self._nonfinite = 0                # int, or a device tensor (steps whose gradients had inf/nan)
         self._open_flag = None             # the current step's flag (counted once the next step starts)
         self._rel = float("nan")           # float or a 0-d device tensor
@@ -326,6 +328,9 @@ class FSDPCompressionState:
         self._pending = {}            # residuals loaded before their unit's first reduce-scatter
         self._scratch = {}
         self._sync_free = None        # None: decide by device (CUDA: no host reads); tests force True on CPU
+        self.overlap = True           # CPU + Gloo: finish the reduce-scatters when backward ends (_overlaps)
+        self._inflight = []           # (graph task, Work, finish, refs): exchanges still travelling
+        self._callback_task = None    # the graph task whose end-of-backward callback is queued
         self._removed = False
 
     # ---- step bookkeeping -------------------------------------------------------------------------------------
@@ -383,6 +388,7 @@ class FSDPCompressionState:
     # ---- the reduce-scatter -----------------------------------------------------------------------------------
     def _reduce_scatter(self, unit, out, inp, group, op):
         t0 = time.perf_counter()
+        self._finish_inflight(stale_only=True)
         W = dist.get_world_size(group)
         if W != unit.world_size:
             raise RuntimeError("pyperf.fsdp: reduce-scatter over %d ranks, but the FSDP module was registered with "
@@ -403,10 +409,65 @@ class FSDPCompressionState:
             self._plain(out, inp, group, op, scale)
             st.bytes_sent += (W - 1) * out.numel() * inp.element_size()
         elif self.fmt is None:
-            self._cast(out, inp, group, scale)
+            self._cast(unit, out, inp, group, scale, self._overlaps(unit, out, op, group))
         else:
-            self._quantized(unit, out, inp, group, scale)
+            self._quantized(unit, out, inp, group, scale, self._overlaps(unit, out, op, group))
         st.comm_time_s += time.perf_counter() - t0
+
+    # ---- overlap on the CPU -----------------------------------------------------------------------------------
+    def _overlaps(self, unit, out, op, group):
+        """Whether this call may return with its rows still travelling, to be finished (received, summed, written
+        into `out`) when backward ends. On the GPU FSDP already overlaps (its reduce-scatter stream); on the CPU with
+        Gloo a synchronous call holds the rest of backward until the rows arrive. Only when FSDP will not read `out`
+        before backward ends: no post-divide (op AVG or PREMUL_SUM), no cast to another dtype, no gradient to
+        accumulate into, no post-accumulate-grad hook or all-reduce hook, no CPU offload; and only inside the
+        autograd engine, where the end-of-backward callback can be queued."""
+        if not self.overlap or out.device.type != "cpu" or dist.get_backend(group) != "gloo":
+            return False
+        if op != dist.ReduceOp.AVG and op != dist.ReduceOp.PREMUL_SUM:
+            return False
+        g = unit.group
+        if getattr(g, "_orig_dtype", out.dtype) != out.dtype or getattr(g, "_all_reduce_hook", None) is not None:
+            return False
+        for fp in unit.fsdp_params:
+            sp = fp.sharded_param
+            if sp.grad is not None or getattr(sp, "_post_accumulate_grad_hooks", None) or \
+                    getattr(fp, "offload_to_cpu", False):
+                return False
+        tid = _graph_task_id()
+        if tid == -1:
+            return False
+        if self._callback_task != tid:
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(self._finish_inflight)
+            except RuntimeError:       # not inside backward after all
+                return False
+            self._callback_task = tid
+        return True
+
+    def _send(self, unit, recv, send, group, finish, overlap, refs=()):
+        """Exchange the rows; finish() reads recv. Overlapped: finish at the end of backward (refs: tensors to keep
+        alive until then, e.g. FSDP's input when it is what travels)."""
+        if not overlap:
+            all_to_all_rows(recv, send, group)
+            finish()
+            return
+        work = all_to_all_rows(recv, send, group, async_op=True)
+        self.stats.overlapped_reduce_scatters += 1
+        self._inflight.append((self._callback_task, work, finish, refs))
+
+    def _finish_inflight(self, stale_only=False):
+        """Wait for the travelling rows and write the outputs, oldest first. stale_only: only those of a backward
+        that ended without its callback (it raised); the current backward's stay in flight."""
+        if not self._inflight:
+            return
+        if stale_only:
+            if self._inflight[-1][0] == _graph_task_id():
+                return
+        todo, self._inflight = self._inflight, []
+        for _, work, finish, _refs in todo:
+            work.wait()
+            finish()
 
     def _plain(self, out, inp, group, op, scale):
         """What FSDP's default comm does (start_iter): the backend's reduce-scatter with FSDP's op. PREMUL_SUM is
@@ -417,29 +478,33 @@ class FSDPCompressionState:
         else:
             _reduce_scatter(out, inp, op=op, group=group)
 
-    def _cast(self, out, inp, group, scale):
+    def _cast(self, unit, out, inp, group, scale, overlap):
         """fp32/bf16/fp16 on the wire: one cast pass on the way out (none when it is the reduce dtype), then every
         rank's row summed in fp32 in rank order, scale and cast back fused into the write (the values travel
         unscaled: fp16's range is spent on the values, not on a 1/W that an fp32 sum does not need)."""
         W, S = dist.get_world_size(group), out.numel()
         dt = self.cast_dtype
         self.stats.compressed_reduce_scatters += 1
+        tag = "/%d" % id(unit) if overlap else ""     # in flight: buffers of its own until backward ends
         if inp.dtype == dt:
             send = inp.view(-1)
         else:
-            send = self._buffer("send_cast", W * S, dt, inp.device)
+            send = self._buffer("send_cast" + tag, W * S, dt, inp.device)
             send.copy_(inp.view(-1))
-        recv = self._buffer("recv_cast", W * S, dt, inp.device)
-        all_to_all_rows(recv.view(W, S), send.view(W, S), group)
+        recv = self._buffer("recv_cast" + tag, W * S, dt, inp.device)
         rows = recv.view(W, S)
-        tot = self._buffer("sum", S, torch.float32, inp.device)
-        tot.copy_(rows[0])
-        for s in range(1, W):
-            tot.add_(rows[s])
-        torch.mul(tot, scale, out=out.view(-1))
-        self.stats.bytes_sent += (W - 1) * S * send.element_size()
 
-    def _quantized(self, unit, out, inp, group, scale):
+        def finish():
+            tot = self._buffer("sum", S, torch.float32, inp.device)
+            tot.copy_(rows[0])
+            for s in range(1, W):
+                tot.add_(rows[s])
+            torch.mul(tot, scale, out=out.view(-1))
+
+        self.stats.bytes_sent += (W - 1) * S * send.element_size()
+        self._send(unit, rows, send.view(W, S), group, finish, overlap, refs=(inp, out))
+
+    def _quantized(self, unit, out, inp, group, scale, overlap):
         W, B, fmt = unit.world_size, self.block_size, self.fmt
         dev = inp.device
         plan = unit.plan(self, inp.numel(), out.numel())
@@ -448,8 +513,9 @@ class FSDPCompressionState:
         st.compressed_reduce_scatters += 1
         x = inp.view(W, S)
         o = out.view(-1)
-        send = self._buffer("send", W * plan.row_bytes, torch.uint8, dev).view(W, plan.row_bytes)
-        recv = self._buffer("recv", W * plan.row_bytes, torch.uint8, dev).view(W, plan.row_bytes)
+        tag = "/%d" % id(unit) if overlap else ""     # in flight: buffers of its own until backward ends
+        send = self._buffer("send" + tag, W * plan.row_bytes, torch.uint8, dev).view(W, plan.row_bytes)
+        recv = self._buffer("recv" + tag, W * plan.row_bytes, torch.uint8, dev).view(W, plan.row_bytes)
         qb, sn = plan.qb, plan.sn
         step = self.iter - 1
         ef = self.error_feedback and plan.has_res
@@ -500,17 +566,21 @@ class FSDPCompressionState:
             sent.zero_()
         else:
             sent.fill_(torch.where(bad, float("nan"), 0.0))
-        all_to_all_rows(recv, send, group)
         st.bytes_sent += (W - 1) * plan.row_bytes
-        if plan.nblocks:
-            _q.reduce_quantized_tensors(recv[:, :qb], [o[plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.big],
-                                        fmt, B, scale=scale)
-        if sn:
-            tot = _sum_small(recv[:, qb:qb + 4 * sn].view(torch.float32), W)
-            _q.unpack(tot, [o[plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.small], scale=scale)
-        # every sender's sentinel: the same flag on every rank
-        nonfinite = ~torch.isfinite(recv[:, qb + 4 * sn:].view(torch.float32)).all()
-        torch.logical_or(self._flag, nonfinite, out=self._flag)
+        flag = self._flag
+
+        def finish():
+            if plan.nblocks:
+                _q.reduce_quantized_tensors(recv[:, :qb], [o[plan.offs[k]:plan.offs[k] + plan.segs[k]]
+                                                           for k in plan.big], fmt, B, scale=scale)
+            if sn:
+                tot = _sum_small(recv[:, qb:qb + 4 * sn].view(torch.float32), W)
+                _q.unpack(tot, [o[plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.small], scale=scale)
+            # every sender's sentinel: the same flag on every rank
+            nonfinite = ~torch.isfinite(recv[:, qb + 4 * sn:].view(torch.float32)).all()
+            torch.logical_or(flag, nonfinite, out=flag)
+
+        self._send(unit, recv, send, group, finish, overlap, refs=(out,))
         if ef:
             if nxt is not cur:
                 for a, b in plan.excluded_runs:   # parameters without a gradient this step keep their residuals
@@ -573,6 +643,7 @@ class FSDPCompressionState:
         """This rank's state: options to validate against, counters, and the error-feedback residuals keyed by
         parameter name: {name: fp32 [world_size, per-rank segment]} (row s: what this rank still owes shard s).
         Save it from EVERY rank (residuals differ per rank) next to the model and optimizer checkpoint."""
+        self._finish_inflight()
         residual = None
         if self.error_feedback:
             residual = {}
@@ -607,6 +678,7 @@ class FSDPCompressionState:
     def load_state_dict(self, sd):
         """Restore a state_dict() saved by the same rank, with the same kind, options and world size. Load before
         training continues (before or after FSDP's lazy initialization: residuals are placed on first use)."""
+        self._finish_inflight()
         for k in ("kind", "block_size", "world_size", "rank", "min_numel", "error_feedback"):
             if k in sd and sd[k] != getattr(self, k):
                 raise ValueError("load_state_dict: %s of the saved state is %r but this state has %r (load the state "
@@ -669,6 +741,7 @@ class FSDPCompressionState:
     def residual_of(self, name):
         """This rank's error-feedback residual of the parameter `name` (as in model.named_parameters()): a CPU copy,
         [world_size, per-rank segment]; row s is what this rank still owes shard s (zeros before the first step)."""
+        self._finish_inflight()
         sd = self.state_dict()["residual"] or {}
         if name not in sd:
             raise KeyError("residual_of: %r is not a quantized parameter with error feedback (those are: %s)"
@@ -678,6 +751,7 @@ class FSDPCompressionState:
     # ---- registration -----------------------------------------------------------------------------------------
     def remove(self):
         """Give every FSDP module back FSDP's default reduce-scatter."""
+        self._finish_inflight()
         if self._removed:
             return
         from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter

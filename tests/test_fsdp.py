@@ -41,6 +41,7 @@ class _Net(nn.Module):
             self.frozen.requires_grad_(False)
         self.use_side = True
         self.poison = False
+        self.poison_raise = False
 
     def forward(self, x):
         h = self.a(x)
@@ -48,6 +49,9 @@ class _Net(nn.Module):
             # inf in the gradient of a's output feature 66 only: a.weight row 66 and a.bias[66], which lie in the
             # last rank's shard; every other gradient stays finite
             h.register_hook(lambda g: g.index_fill(1, torch.tensor([66]), float("inf")))
+        if self.poison_raise and h.requires_grad:
+            # raises in backward after b's and c's gradients (their reduce-scatters) are done, before a's
+            h.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("poisoned backward")))
         h = torch.tanh(h)
         h = torch.tanh(self.b(h)) * self.one
         if hasattr(self, "frozen"):
@@ -505,6 +509,79 @@ def _body_hsdp(rank, W):
         pyperf.fsdp.register(m, "int8")
 
 
+# ---- overlap on the CPU: the rows travel while backward goes on, finished when it ends ------------------------------
+def _overlap_run(kind, rank, overlap, steps=2, micro=1, net_kw=None, setup=None, keep_grads=False):
+    import pyperf.fsdp
+    m = _net(**(net_kw or {}))
+    if setup is not None:
+        setup(m)
+    st = pyperf.fsdp.register(m, kind, **(dict(block_size=32, min_numel=0) if kind in FMT else {}))
+    st.overlap = overlap
+    for step in range(steps):
+        m.zero_grad(set_to_none=not keep_grads)
+        for k in range(micro):
+            m.set_requires_gradient_sync(k == micro - 1)
+            _loss(m, *_batch(rank, 10 * step + k)).backward()
+            if k == micro - 1:
+                assert not st._inflight, "rows still in flight after backward returned"
+    return _local_grads(m), st
+
+
+def _body_overlap(rank, W):
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    bf16r = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+
+    def premul(m):
+        _set_all(m, "set_gradient_divide_factor", 3.0)
+
+    def force_sum(m):
+        _set_all(m, "set_force_sum_reduction_for_comms", True)
+
+    def post_acc_hook(m):
+        m.b.weight.register_post_accumulate_grad_hook(lambda p: p.grad.mul_(1.0))
+
+    # (what, kwargs, whether the calls may overlap)
+    cases = [("plain", {}, True), ("reshard False", dict(net_kw=dict(reshard=False)), True),
+             ("param bf16 reduce fp32", dict(net_kw=dict(mp=bf16)), True), ("accumulation x3", dict(micro=3), True),
+             ("PREMUL_SUM", dict(setup=premul), True),
+             ("reduce bf16 (FSDP casts the output)", dict(net_kw=dict(mp=bf16r)), False),
+             ("SUM + FSDP's post-divide", dict(setup=force_sum), False),
+             ("grads kept (FSDP accumulates into them from step 2 on)", dict(keep_grads=True), None),
+             ("post-accumulate-grad hook", dict(setup=post_acc_hook), None)]
+    for kind in ("int8", "bf16", "fp32"):
+        for what, kw, overlaps in cases:
+            ref, st0 = _overlap_run(kind, rank, False, **kw)
+            got, st1 = _overlap_run(kind, rank, True, **kw)
+            assert st0.stats.overlapped_reduce_scatters == 0
+            n = st1.stats.overlapped_reduce_scatters
+            if overlaps is True:
+                assert n > 0, (kind, what)
+            elif overlaps is False:
+                assert n == 0, (kind, what, n)
+            else:   # some calls synchronous: the module whose parameter has a hook; the steps with grads to add to
+                assert 0 < n < st1.stats.reduce_scatters, (kind, what, n)
+            for name, r in ref.items():
+                assert (r is None) == (got[name] is None), (kind, what, name)
+                if r is not None:
+                    assert torch.equal(got[name], r), (kind, what, name)
+            assert torch.equal(st1.stats._open_flag, st0.stats._open_flag) if st0.stats._open_flag is not None \
+                else True
+            if kind == "int8":
+                sd0, sd1 = st0.state_dict(), st1.state_dict()
+                for name in sd0["residual"]:
+                    assert torch.equal(sd0["residual"][name], sd1["residual"][name]), (what, name)
+    # a backward that raises after some reduce-scatters left (FSDP itself does not train on after that): what is in
+    # flight is finished by the next call that needs it (state_dict here), on every rank, without a hang
+    import pyperf.fsdp
+    m = _net()
+    st = pyperf.fsdp.register(m, "int8", block_size=32, min_numel=0)
+    m.poison_raise = True
+    with pytest.raises(RuntimeError, match="poisoned backward"):
+        _loss(m, *_batch(rank, 0)).backward()
+    assert st._inflight
+    st.state_dict()
+    assert not st._inflight
+
 # ---- register_all_gather: the same parameters, bit for bit ---------------------------------------------------------
 def _params_after(rank, steps, net_kw, kind=None, all_gather=False, prefetch=False, chunk=None):
     """Every parameter's local shard after `steps` AdamW steps (the all-gathers feed forward and backward)."""
@@ -562,7 +639,8 @@ def _groups(m):
 # ---- the multi-rank tests: several bodies per process group (each spawn costs seconds of imports) -----------------
 def test_kinds_ops_exact_modes_stats_errors_2_ranks():
     run_ranks(_run_all, 2, [(_body_exact, ()), (_body_kinds_ops, (KINDS,)), (_body_modes, ()), (_body_stats, ()),
-                            (_body_errors, ()), (_body_all_gather, ())])
+                            (_body_errors, ()), (_body_all_gather, ()),
+                            (_body_overlap, ())])
 
 
 def test_error_feedback_gradscaler_resume_2_ranks(tmp_path):

@@ -51,10 +51,12 @@ def _check_rows(name, t, W):
                          % (name, W, tuple(t.shape), "" if t.is_contiguous() else " (not contiguous)"))
 
 
-def all_to_all_rows(recv, send, group=None):
+def all_to_all_rows(recv, send, group=None, async_op=False):
     """recv[s] = send[me] of rank s, for every rank s of the group: all_to_all_single of equal rows.
 
     send and recv: contiguous [world_size, n] tensors of one dtype. On Gloo, as CHUNK_BYTES point-to-point messages.
+    async_op: return a Work to wait on (None when the exchange is complete on return); recv is undefined until then,
+    and send must not change.
     """
     group = group or dist.group.WORLD
     W, me = dist.get_world_size(group), dist.get_rank(group)
@@ -64,10 +66,13 @@ def all_to_all_rows(recv, send, group=None):
         raise ValueError("recv: expected the shape and dtype of send %s %s, got %s %s"
                          % (tuple(send.shape), send.dtype, tuple(recv.shape), recv.dtype))
     if not _pipelined(group):
-        dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
-        return
+        return dist.all_to_all_single(recv.view(-1), send.view(-1), group=group, async_op=async_op)
     recv[me].copy_(send[me])
-    RowsWork(_post([(p, send[p], recv[p]) for p in _peers(W, me)], group, send.element_size())).wait()
+    work = RowsWork(_post([(p, send[p], recv[p]) for p in _peers(W, me)], group, send.element_size()))
+    if async_op:
+        return work
+    work.wait()
+    return None
 
 
 def all_gather_rows(out, inp, group=None, async_op=False):
