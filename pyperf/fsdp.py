@@ -5,6 +5,7 @@
     ...train as usual...
     state.stats                                      # bytes vs an fp32 reduce-scatter, quantization error, time
     torch.save(state.state_dict(), f"fsdp_hook_rank{rank}.pt")      # from EVERY rank, next to the DCP checkpoint
+    pyperf.fsdp.register_all_gather(model)          # Gloo: FSDP's all-gathers at the link's rate, prefetch overlapped
 
 How a compressed reduce-scatter works. FSDP fills its input as [W, S] rows (row r: rank r's shard, each parameter's
 dim-0 chunk padded, in the parameter group's order) and calls our comm with the output shard [S] and the reduce
@@ -37,7 +38,10 @@ Why the rest looks the way it does:
   such a step are rolled back when the next step starts. On CPU that decision reads the flag on the host (the
   work has completed); on CUDA it is a torch.where on the stream, so the GPU path never syncs with the host.
 - Everything is enqueued on the current stream at call time (FSDP records its event right after the call): on
-  NCCL the all-to-all is stream-ordered, on Gloo the call is synchronous.
+  NCCL the all-to-all is stream-ordered. On the CPU with Gloo there is no stream, and FSDP's collectives block
+  backward; there the rows travel while backward goes on and are finished in an end-of-backward callback (the
+  autograd engine's queue_callback, as DDP's reducer does), whenever FSDP will not read the output before that
+  (_overlaps lists when); otherwise the call is synchronous.
 """
 import time
 from typing import Dict, List
@@ -329,7 +333,7 @@ class FSDPCompressionState:
         self._scratch = {}
         self._sync_free = None        # None: decide by device (CUDA: no host reads); tests force True on CPU
         self.overlap = True           # CPU + Gloo: finish the reduce-scatters when backward ends (_overlaps)
-        self._inflight = []           # (graph task, Work, finish, refs): exchanges still travelling
+        self._inflight = []           # (graph task, unit, Work, finish, refs): exchanges still travelling
         self._callback_task = None    # the graph task whose end-of-backward callback is queued
         self._removed = False
 
@@ -437,6 +441,8 @@ class FSDPCompressionState:
         tid = _graph_task_id()
         if tid == -1:
             return False
+        if any(e[1] is unit for e in self._inflight):   # called again in one backward: its buffers are still sending
+            self._finish_inflight()
         if self._callback_task != tid:
             try:
                 torch.autograd.Variable._execution_engine.queue_callback(self._finish_inflight)
@@ -454,7 +460,7 @@ class FSDPCompressionState:
             return
         work = all_to_all_rows(recv, send, group, async_op=True)
         self.stats.overlapped_reduce_scatters += 1
-        self._inflight.append((self._callback_task, work, finish, refs))
+        self._inflight.append((self._callback_task, unit, work, finish, refs))
 
     def _finish_inflight(self, stale_only=False):
         """Wait for the travelling rows and write the outputs, oldest first. stale_only: only those of a backward
@@ -465,7 +471,7 @@ class FSDPCompressionState:
             if self._inflight[-1][0] == _graph_task_id():
                 return
         todo, self._inflight = self._inflight, []
-        for _, work, finish, _refs in todo:
+        for _, _unit, work, finish, _refs in todo:
             work.wait()
             finish()
 
@@ -485,7 +491,7 @@ class FSDPCompressionState:
         W, S = dist.get_world_size(group), out.numel()
         dt = self.cast_dtype
         self.stats.compressed_reduce_scatters += 1
-        tag = "/%d" % id(unit) if overlap else ""     # in flight: buffers of its own until backward ends
+        tag = "/%d" % id(unit) if overlap else ""     # in flight: buffers of its own until backward ends (kept)
         if inp.dtype == dt:
             send = inp.view(-1)
         else:
