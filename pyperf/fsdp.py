@@ -865,17 +865,18 @@ def register(model, kind, **options):
 
 class _AllGather(_AllGatherBase):
     """What FSDP calls for its parameter all-gathers: comm.allocate(...), comm(output_tensor=, input_tensor=, group=,
-    async_op=). Returns a Work, async_op or not: FSDP waits on it before it copies the parameters out
-    (wait_for_unshard), which on the GPU is what async_op=False means anyway (stream-ordered, not host-blocking).
-    On the CPU that lets the all-gather FSDP prefetches for the next module in backward travel while this
-    module's backward computes, where Gloo's blocking all-gather holds the computation until it arrives."""
+    async_op=). On Gloo it returns a Work, async_op or not: FSDP waits on it before it copies the parameters out
+    (wait_for_unshard), so the all-gather FSDP prefetches for the next module in backward travels while this
+    module's backward computes, where Gloo's blocking all-gather holds the computation until it arrives (on the GPU
+    FSDP gets that from its all-gather stream). Other backends: the backend's all-gather with FSDP's async_op."""
 
     def allocate(self, size, *, dtype, device):
         return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor, input_tensor, group, async_op=False):
         W = dist.get_world_size(group)
-        return all_gather_rows(output_tensor.view(W, -1), input_tensor, group, async_op=True)
+        gloo = dist.get_backend(group) == "gloo"
+        return all_gather_rows(output_tensor.view(W, -1), input_tensor, group, async_op=async_op or gloo)
 
 
 class AllGatherHandle:
