@@ -431,7 +431,7 @@ class FSDPCompressionState:
         if op != dist.ReduceOp.AVG and op != dist.ReduceOp.PREMUL_SUM:
             return False
         g = unit.group
-        if getattr(g, "_orig_dtype", out.dtype) != out.dtype or getattr(g, "_all_reduce_hook", None) is not None:
+        if getattr(g, "_orig_dtype", None) != out.dtype or getattr(g, "_all_reduce_hook", None) is not None:
             return False
         for fp in unit.fsdp_params:
             sp = fp.sharded_param
