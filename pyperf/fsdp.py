@@ -445,11 +445,17 @@ class FSDPCompressionState:
             self._finish_inflight()
         if self._callback_task != tid:
             try:
-                torch.autograd.Variable._execution_engine.queue_callback(self._finish_inflight)
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             except RuntimeError:       # not inside backward after all
                 return False
             self._callback_task = tid
         return True
+
+    def _end_of_backward(self):
+        """The autograd engine's final callback. A reduce-scatter called after it in the same backward (another FSDP
+        root's final callback runs a module's post_backward late) queues a new one: it must not stay in flight."""
+        self._callback_task = None
+        self._finish_inflight()
 
     def _send(self, unit, recv, send, group, finish, overlap, refs=()):
         """Exchange the rows; finish() reads recv. Overlapped: finish at the end of backward (refs: tensors to keep

@@ -60,7 +60,7 @@ class _Net(nn.Module):
         return y + self.side(x) if self.use_side else y
 
 
-def _net(seed=0, frozen=False, mp=None, reshard=True, shard=True):
+def _net(seed=0, frozen=False, mp=None, reshard=True, shard=True, root=True):
     torch.manual_seed(seed)
     m = _Net(frozen)
     if shard:
@@ -69,7 +69,8 @@ def _net(seed=0, frozen=False, mp=None, reshard=True, shard=True):
             kw["mp_policy"] = mp
         fully_shard(m.a, **kw)
         fully_shard(m.b, **kw)
-        fully_shard(m, **kw)
+        if root:
+            fully_shard(m, **kw)
     return m
 
 
@@ -87,7 +88,9 @@ def _fsdp_modules(m):
 
 
 def _local_grads(m):
-    return {n: (None if p.grad is None else p.grad.to_local().detach().float().clone()) for n, p in
+    def local(g):      # parameters outside every FSDP module (no root fully_shard) have plain gradients
+        return g.to_local() if hasattr(g, "to_local") else g
+    return {n: (None if p.grad is None else local(p.grad).detach().float().clone()) for n, p in
             m.named_parameters()}
 
 
@@ -520,7 +523,7 @@ def _overlap_run(kind, rank, overlap, steps=2, micro=1, net_kw=None, setup=None,
     for step in range(steps):
         m.zero_grad(set_to_none=not keep_grads)
         for k in range(micro):
-            m.set_requires_gradient_sync(k == micro - 1)
+            _set_all(m, "set_requires_gradient_sync", k == micro - 1)
             _loss(m, *_batch(rank, 10 * step + k)).backward()
             if k == micro - 1:
                 assert not st._inflight, "rows still in flight after backward returned"
@@ -544,6 +547,7 @@ def _body_overlap(rank, W):
     cases = [("plain", {}, True), ("reshard False", dict(net_kw=dict(reshard=False)), True),
              ("param bf16 reduce fp32", dict(net_kw=dict(mp=bf16)), True), ("accumulation x3", dict(micro=3), True),
              ("PREMUL_SUM", dict(setup=premul), True),
+             ("no root FSDP module (a and b are each a root)", dict(net_kw=dict(root=False)), True),
              ("reduce bf16 (FSDP casts the output)", dict(net_kw=dict(mp=bf16r)), False),
              ("SUM + FSDP's post-divide", dict(setup=force_sum), False),
              ("grads kept (FSDP accumulates into them from step 2 on)", dict(keep_grads=True), None),
