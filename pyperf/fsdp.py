@@ -790,6 +790,22 @@ def _wrap_post_backward(unit):
     group.post_backward = post_backward
 
 
+def _check_model(model):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError("model: expected a torch.nn.Module that is or contains fully_shard modules, got %s"
+                        % type(model).__name__)
+
+
+def _fsdp_modules_in(model):
+    """The FSDP2 modules in `model` (itself included), or a TypeError that says to apply fully_shard first."""
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not mods:
+        raise TypeError("model: expected a module that is or contains fully_shard (FSDP2) modules, got a %s without "
+                        "any (apply torch.distributed.fsdp.fully_shard first)" % type(model).__name__)
+    return mods
+
+
 def register(model, kind, **options):
     """Compress the gradient reduce-scatter of every FSDP2 (`fully_shard`) module in `model` with `kind`; returns
     the FSDPCompressionState.
@@ -802,13 +818,10 @@ def register(model, kind, **options):
     min_numel=1024 (smaller parameters travel in fp32), seed=0, skip_nonfinite=True (roll the residuals back after
     a step with inf/nan gradients), stats_every=100 (measure rel_error every N steps; 0: never).
     """
-    from torch.distributed.fsdp import FSDPModule
     if kind not in KINDS:
         raise ValueError("kind: expected one of %s, got %r (without pyperf.fsdp.register, FSDP reduce-scatters in "
                          "its reduce dtype)" % (", ".join(KINDS), kind))
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError("model: expected a torch.nn.Module that is or contains fully_shard modules, got %s"
-                        % type(model).__name__)
+    _check_model(model)
     unknown = set(options) - set(_ALL_OPTIONS)
     if unknown:
         raise TypeError("register: unknown option(s) %s (options: %s)" % (", ".join(sorted(unknown)),
@@ -818,10 +831,7 @@ def register(model, kind, **options):
         if na:
             raise TypeError("register: option(s) %s apply to the quantized kinds (int8, int4, fp8), not %r"
                             % (", ".join(na), kind))
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not mods:
-        raise TypeError("model: expected a module that is or contains fully_shard (FSDP2) modules, got a %s without "
-                        "any (apply torch.distributed.fsdp.fully_shard first)" % type(model).__name__)
+    mods = _fsdp_modules_in(model)
     for m in mods:
         if getattr(m, "_pyperf_fsdp_state", None) is not None:
             raise RuntimeError("register: %s already has a pyperf %r reduce-scatter; call state.remove() first"
@@ -903,14 +913,8 @@ def register_all_gather(model):
     message per peer, reaches about 60% of a 1 Gbit/s link. Not compression: the all-gathers send what they sent.
     On other backends (NCCL) the comm calls the backend's all-gather, as FSDP does. Independent of register();
     returns a handle whose remove() restores what the modules had."""
-    from torch.distributed.fsdp import FSDPModule
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError("model: expected a torch.nn.Module that is or contains fully_shard modules, got %s"
-                        % type(model).__name__)
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not mods:
-        raise TypeError("model: expected a module that is or contains fully_shard (FSDP2) modules, got a %s without "
-                        "any (apply torch.distributed.fsdp.fully_shard first)" % type(model).__name__)
+    _check_model(model)
+    mods = _fsdp_modules_in(model)
     saved = []
     comm = _AllGather()
     for m in mods:
