@@ -624,20 +624,17 @@ def _body_all_gather(rank, W):
                     assert torch.equal(got[n], ref[n]), (net_kw, kind, prefetch, n)
     # remove(): the modules get back the all-gathers they had
     _, m, handle = _params_after(rank, 1, {}, all_gather=True)
-    comms = {type(g._all_gather_comm).__name__ for x in _fsdp_modules(m) for g in _groups(x)}
+    groups = [g for x in _fsdp_modules(m) for g in pyperf.fsdp._fsdp_param_groups(x)]
+    comms = {type(g._all_gather_comm).__name__ for g in groups}
     assert comms == {"_AllGather"}, comms
     handle.remove()
-    comms = {type(g._all_gather_comm).__name__ for x in _fsdp_modules(m) for g in _groups(x)}
+    groups = [g for x in _fsdp_modules(m) for g in pyperf.fsdp._fsdp_param_groups(x)]
+    comms = {type(g._all_gather_comm).__name__ for g in groups}
     assert "_AllGather" not in comms, comms
     with pytest.raises(TypeError, match="fully_shard"):
         pyperf.fsdp.register_all_gather(_net(shard=False))
     with pytest.raises(TypeError, match="nn.Module"):
         pyperf.fsdp.register_all_gather("model")
-
-
-def _groups(m):
-    st = m._get_fsdp_state()
-    return [g for g in (getattr(st, "_fsdp_param_groups", None) or [st._fsdp_param_group]) if g is not None]
 
 
 # ---- the multi-rank tests: several bodies per process group (each spawn costs seconds of imports) -----------------
