@@ -54,7 +54,10 @@ PYPERF_LIBRARY(m) {
   m.def("dequantize_tensors_(Tensor wire, str fmt, int block_size, float scale, Tensor(a!)[] outs) -> ()");
   // The reduce of W such wires ([W, wire_bytes], summed in fp32 in rank order, times scale) into outs: what
   // unpack(reduce_quantized(wires, padded numel, fmt, block_size, scale), outs, align=block_size) would write.
-  m.def("reduce_quantized_tensors_(Tensor wires, str fmt, int block_size, float scale, Tensor(a!)[] outs) -> ()");
+  // With own (outs' layout, outs' dtype) and own_row, row own_row's term is own's exact values, its wire unread:
+  // a reduce-scatter's own row is never sent, so it need not be quantized.
+  m.def("reduce_quantized_tensors_(Tensor wires, str fmt, int block_size, float scale, Tensor(a!)[] outs, "
+        "Tensor[]? own=None, int own_row=-1) -> ()");
 
   // ---- norm: residual-add + RMSNorm / LayerNorm (csrc/cpu/norm.cpp, csrc/cuda/norm.cu) ----
   // Forward: h = x + residual (when given), then normalize h over the last dim. y and h have x's dtype; the

@@ -241,9 +241,16 @@ def dequantize_tensors(wire, outs, fmt, block_size=256, *, scale=1.0):
     unpack(dequantize(wire, total, fmt, block_size, scale=scale), outs, align=block_size)
 
 
-def reduce_quantized_tensors(wires, outs, fmt, block_size=256, *, scale=1.0):
+def reduce_quantized_tensors(wires, outs, fmt, block_size=256, *, scale=1.0, own=None, own_row=None):
     _, total = _pack_offsets([t.numel() for t in outs], block_size)
-    unpack(reduce_quantized(wires, total, fmt, block_size, scale=scale), outs, align=block_size)
+    if own is None:
+        unpack(reduce_quantized(wires, total, fmt, block_size, scale=scale), outs, align=block_size)
+        return
+    own_flat = pack(own, out_dtype=torch.float32, align=block_size)
+    acc = torch.zeros(total, dtype=torch.float32, device=wires.device)
+    for w in range(wires.shape[0]):                 # rank order, own_row's term exact
+        acc = acc + (own_flat if w == own_row else _dequantize_fp32(wires[w], total, fmt, block_size))
+    unpack((acc * scale).to(outs[0].dtype) if outs else acc, outs, align=block_size)
 
 
 def reduce_quantized(wires, numel, fmt, block_size=256, *, scale=1.0, out_dtype=torch.float32, requantize=False,

@@ -219,12 +219,21 @@ def dequantize_tensors(wire: torch.Tensor, outs: Sequence[torch.Tensor], fmt: st
 
 
 def reduce_quantized_tensors(wires: torch.Tensor, outs: Sequence[torch.Tensor], fmt: str, block_size: int = 256, *,
-                             scale: float = 1.0) -> None:
+                             scale: float = 1.0, own: Optional[Sequence[torch.Tensor]] = None,
+                             own_row: Optional[int] = None) -> None:
     """outs (one float dtype, contiguous) <- scale * the fp32 sum, in rank order 0..W-1, of the W wires of
     `wires` (uint8 [W, wire_bytes], each the quantize_tensors wire of the padded layout of outs), i.e.
     unpack(reduce_quantized(wires, padded numel, fmt, block_size, scale=scale), outs, align=block_size) without
-    the fp32 sum buffer. The all-gather form of the quantized all-reduce reduces with it."""
-    _lib.reduce_quantized_tensors_(wires, fmt, block_size, float(scale), list(outs))
+    the fp32 sum buffer. The all-gather form of the quantized all-reduce reduces with it.
+
+    own, own_row (both or neither): row own_row's term of the sum is own's exact values (tensors like outs: same
+    count, numels and dtype) instead of its wire, whose bytes are not read. A reduce-scatter never sends the
+    caller's own row, so it need not quantize it (pyperf.fsdp)."""
+    if (own is None) != (own_row is None):
+        raise ValueError("reduce_quantized_tensors: own and own_row go together (got own=%s, own_row=%r)"
+                         % ("None" if own is None else "a list", own_row))
+    _lib.reduce_quantized_tensors_(wires, fmt, block_size, float(scale), list(outs),
+                                   None if own is None else list(own), -1 if own_row is None else int(own_row))
 
 
 @_fake("quantize")
@@ -282,7 +291,7 @@ def _dequantize_tensors_fake(wire, fmt, block_size, scale, outs):
 
 
 @_fake("reduce_quantized_tensors_")
-def _reduce_quantized_tensors_fake(wires, fmt, block_size, scale, outs):
+def _reduce_quantized_tensors_fake(wires, fmt, block_size, scale, outs, own=None, own_row=-1):
     _check_quant_args(fmt, block_size)
     return None
 

@@ -113,6 +113,44 @@ def test_reduce_quantized_tensors_matches_reduce_then_unpack(device, fmt, dtype)
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reduce_quantized_tensors_own_row_is_exact(device, fmt, dtype):
+    """own/own_row: the own row's term is its exact values in rank order, its wire never read (poisoned here)."""
+    for bs, W in ((32, 1), (64, 2), (256, 3), (32, 5)):
+        n = _padded(SHAPES, bs)
+        nbytes = ops.wire_bytes(n, fmt, bs)
+        for own_row in sorted({0, W // 2, W - 1}):
+            own = _tensors(SHAPES, dtype, device, stable_seed("own", fmt, bs, own_row))
+            wires = torch.stack([_poisoned_wire(nbytes, device) if r == own_row else
+                                 ops.quantize_tensors(_tensors(SHAPES, dtype, device, stable_seed(fmt, bs, r)), fmt,
+                                                      bs, out=_poisoned_wire(nbytes, device)) for r in range(W)])
+            for scale in (1.0 / W, -0.75):
+                outs = [torch.full(s, float("nan"), dtype=dtype, device=dev(device)) for s in SHAPES]
+                ops.reduce_quantized_tensors(wires, outs, fmt, bs, scale=scale, own=own, own_row=own_row)
+                ref = [torch.empty(s, dtype=dtype) for s in SHAPES]
+                R.reduce_quantized_tensors(wires.cpu(), ref, fmt, bs, scale=scale, own=[o.cpu() for o in own],
+                                           own_row=own_row)
+                # the same sum written out by hand: fp32, rank order, the own term exact
+                acc = torch.zeros(n)
+                for r in range(W):
+                    acc += (R.pack([o.cpu() for o in own], out_dtype=torch.float32, align=bs) if r == own_row else
+                            R.dequantize(wires[r].cpu(), n, fmt, bs, out_dtype=torch.float32))
+                hand = [torch.empty(s, dtype=dtype) for s in SHAPES]
+                R.unpack((acc * scale).to(dtype), hand, align=bs)
+                for o, r, h in zip(outs, ref, hand):
+                    assert torch.equal(o.cpu(), r) and torch.equal(r, h), (bs, W, own_row, scale, o.shape)
+        # in place: own is outs (each block is read before it is written)
+        if W > 1:
+            outs = _tensors(SHAPES, dtype, device, 3)
+            own = [o.clone() for o in outs]
+            want = [torch.empty(s, dtype=dtype, device=dev(device)) for s in SHAPES]
+            ops.reduce_quantized_tensors(wires, want, fmt, bs, scale=0.5, own=own, own_row=W - 1)
+            ops.reduce_quantized_tensors(wires, outs, fmt, bs, scale=0.5, own=outs, own_row=W - 1)
+            assert all(torch.equal(a, b) for a, b in zip(outs, want)), (bs, W, "in place")
+
+
+@pytest.mark.parametrize("device", devices())
 def test_non_finite_values_come_through(device):
     xs = _tensors([(300,), (40,)], torch.float32, device, 5)
     xs[0][7] = float("inf")
@@ -160,6 +198,9 @@ def test_opcheck(device):
         (lib(device).reduce_quantized_tensors_.default,
          (torch.stack([wire, wire]), "int8", 64, 0.5, [torch.empty(100, device=dev(device)),
                                                        torch.empty(3, 50, device=dev(device))])),
+        (lib(device).reduce_quantized_tensors_.default,
+         (torch.stack([wire, wire]), "int8", 64, 0.5, [torch.empty(100, device=dev(device)),
+                                                       torch.empty(3, 50, device=dev(device))], xs, 1)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -205,6 +246,21 @@ def test_bad_input_errors():
     with pytest.raises(RuntimeError, match=r"outs\[1\]: expected dtype Float like outs\[0\], got Half"):
         ops.reduce_quantized_tensors(torch.stack([wire, wire]), [torch.empty(100), torch.empty(50).half()], "int8",
                                      64)
+    wires, outs = torch.stack([wire, wire]), [torch.empty(100), torch.empty(50)]
+    with pytest.raises(ValueError, match="own and own_row go together"):
+        ops.reduce_quantized_tensors(wires, outs, "int8", 64, own=xs)
+    with pytest.raises(RuntimeError, match=r"own_row: expected a row of wires in \[0, 2\) with own, got 2"):
+        ops.reduce_quantized_tensors(wires, outs, "int8", 64, own=xs, own_row=2)
+    with pytest.raises(RuntimeError, match="own: expected 2 tensors \\(one per tensor of outs\\), got 1"):
+        ops.reduce_quantized_tensors(wires, outs, "int8", 64, own=xs[:1], own_row=0)
+    with pytest.raises(RuntimeError, match=r"own\[1\]: expected 50 elements like outs\[1\], got 49"):
+        ops.reduce_quantized_tensors(wires, outs, "int8", 64, own=[xs[0], xs[1][:49]], own_row=0)
+    with pytest.raises(RuntimeError, match=r"own\[0\]: expected dtype Float like outs, got BFloat16"):
+        ops.reduce_quantized_tensors(wires, outs, "int8", 64, own=[x.bfloat16() for x in xs], own_row=0)
+    with pytest.raises(RuntimeError, match=r"own\[0\]: expected a contiguous tensor"):
+        ops.reduce_quantized_tensors(wires, outs, "int8", 64, own=[torch.randn(20, 5).t(), xs[1]], own_row=0)
+    with pytest.raises(RuntimeError, match="own_row: expected -1 without own, got 0"):
+        lib("cpu").reduce_quantized_tensors_(wires, "int8", 64, 1.0, outs, None, 0)
 
 
 @pytest.mark.cpu_vs_cuda
@@ -239,3 +295,11 @@ def test_cuda_bits_match_cpu(device, fmt):
                 ops.reduce_quantized_tensors(wires.to(d, copy=True), outs_c, fmt, bs, scale=1 / 3)
             ops.reduce_quantized_tensors(wires, outs, fmt, bs, scale=1 / 3)
             assert all(torch.equal(a.cpu(), b) for a, b in zip(outs_c, outs)), (bs, dtype)
+            # the own row exact (its wire poisoned)
+            own = _tensors(shapes, dtype, "cpu", stable_seed("own", fmt, bs))
+            wires[1] = _poisoned_wire(nbytes, "cpu")
+            with kernels(device):
+                ops.reduce_quantized_tensors(wires.to(d, copy=True), outs_c, fmt, bs, scale=1 / 3,
+                                             own=[o.to(d, copy=True) for o in own], own_row=1)
+            ops.reduce_quantized_tensors(wires, outs, fmt, bs, scale=1 / 3, own=own, own_row=1)
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(outs_c, outs)), (bs, dtype, "own")

@@ -277,6 +277,18 @@ struct TensorBlocks {
       body(b, ptrs[t] + local, std::min(block_size, numels[t] - local));
     }
   }
+
+  // walk, with each block's pointer into `other` too: tensors of the same numels (null when other is empty)
+  template <typename U, typename Body>
+  PYPERF_CPU_INLINE void walk_with(const TensorBlocks<U>& other, int64_t b0, int64_t b1, const Body& body) const {
+    int64_t t = tensor_of_block(l.bstart, b0);
+    for (int64_t b = b0; b < b1; ++b) {
+      while (b >= l.bstart[t + 1]) ++t;
+      const int64_t local = (b - l.bstart[t]) * block_size;
+      body(b, ptrs[t] + local, other.ptrs.empty() ? nullptr : other.ptrs[t] + local,
+           std::min(block_size, numels[t] - local));
+    }
+  }
 };
 
 // Reading each block from its own tensor saves the pack pass (and its fp32 copy, 1.25x the gradient bytes
@@ -362,13 +374,19 @@ void dequantize_tensors_cpu(const at::Tensor& wire, c10::string_view fmt, int64_
 
 
 // Stages the scaled fp32 sum of block b of every wire in v (zeros beyond n), in rank order. Rank r's wire starts
-// at wp + r * row_stride.
-template <int F>
+// at wp + r * row_stride. With own (the block's n values of the caller's own row), rank own_row's term is those
+// exact values instead of its wire.
+template <int F, typename T = float>
 PYPERF_CPU_INLINE void stage_sum(const uint8_t* wp, int64_t W, int64_t row_stride, const WireLayout& w, int64_t b,
-                                 int64_t n, float uscale, const Decoder<F>& dec, float* v) {
+                                 int64_t n, float uscale, const Decoder<F>& dec, float* v, const T* own = nullptr,
+                                 int64_t own_row = -1) {
   const int64_t bs = w.block_size;
   for (int64_t i = 0; i < bs; ++i) v[i] = 0.0f;
   for (int64_t r = 0; r < W; ++r) {
+    if (r == own_row) {
+      for (int64_t i = 0; i < n; ++i) v[i] = add_rn(v[i], static_cast<float>(own[i]));
+      continue;
+    }
     const uint8_t* row = wp + r * row_stride;
     float s;
     std::memcpy(&s, row + 4 * b, sizeof(float));
@@ -418,8 +436,9 @@ at::Tensor reduce_quantized_cpu(const at::Tensor& wires, int64_t numel, c10::str
 // The all-gather form of the quantized all-reduce (every rank reduces every block) decodes W wires straight
 // into the gradients: one pass, no fp32 sum buffer, no unpack.
 void reduce_quantized_tensors_cpu(const at::Tensor& wires, c10::string_view fmt, int64_t block_size, double scale,
-                                  at::TensorList outs) {
+                                  at::TensorList outs, const c10::optional<at::TensorList>& own, int64_t own_row) {
   const TensorsLayout l = check_tensors_wires(outs, fmt, block_size, wires);
+  check_own_row(own, own_row, outs, wires);
   const WireLayout& w = l.w;
   if (w.nblocks == 0) return;
   const uint8_t* wp = wires.data_ptr<uint8_t>();
@@ -429,13 +448,16 @@ void reduce_quantized_tensors_cpu(const at::Tensor& wires, c10::string_view fmt,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, outs[0].scalar_type(), "reduce_quantized_tensors_cpu",
                                   [&] {
     const TensorBlocks<scalar_t> blocks(l, outs, block_size);
+    // own has outs' layout: block b of own lies at the same offset of the same tensor index
+    const TensorBlocks<const scalar_t> own_blocks(l, own.has_value() ? *own : at::TensorList(), block_size);
     dispatch_format(w.fmt, [&](auto F_) {
       constexpr int F = decltype(F_)::value;
       const Decoder<F> dec;
       parallel_blocks(w.nblocks, block_size, [&](int64_t b0, int64_t b1) PYPERF_CPU_LAMBDA {
         float v[kMaxBlock];
-        blocks.walk(b0, b1, [&](int64_t b, scalar_t* o, int64_t n) PYPERF_CPU_LAMBDA {
-          stage_sum<F>(wp, W, row_stride, w, b, n, uscale, dec, v);
+        blocks.walk_with(own_blocks, b0, b1, [&](int64_t b, scalar_t* o, const scalar_t* ob, int64_t n)
+                                                 PYPERF_CPU_LAMBDA {
+          stage_sum<F, scalar_t>(wp, W, row_stride, w, b, n, uscale, dec, v, ob, own_row);
           for (int64_t i = 0; i < n; ++i) o[i] = static_cast<scalar_t>(v[i]);
         });
       });

@@ -123,11 +123,19 @@ struct WireSumSrc {
   int64_t W, row_bytes, payload_offset, numel;
   int block_shift;
   float uscale;
+  // reduce_quantized_tensors_ with own: row own_row's term is own[i] (fp32, numel values), its wire unread
+  const float* own = nullptr;
+  int64_t own_row = -1;
   __device__ __forceinline__ void load(int64_t i, float* v) const {
     const int64_t b = i >> block_shift;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) v[k] = 0.0f;
     for (int64_t r = 0; r < W; ++r) {
+      if (r == own_row) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[k] = add_rn(v[k], i + k < numel ? own[i + k] : 0.0f);
+        continue;
+      }
       const uint8_t* row = wires + r * row_bytes;
       const float s = load_scale(row, b);
       const uint32_t word = *reinterpret_cast<const uint32_t*>(row + payload_offset + word_byte<F>(i));
@@ -511,12 +519,32 @@ void dequantize_tensors_cuda(const at::Tensor& wire, c10::string_view fmt, int64
 }
 
 void reduce_quantized_tensors_cuda(const at::Tensor& wires, c10::string_view fmt, int64_t block_size, double scale,
-                                   at::TensorList outs) {
+                                   at::TensorList outs, const c10::optional<at::TensorList>& own, int64_t own_row) {
   const TensorsLayout l = check_tensors_wires(outs, fmt, block_size, wires);
+  check_own_row(own, own_row, outs, wires);
   if (l.w.nblocks == 0) return;
   cuda::DeviceGuard guard(wires.device());
-  // reduce_quantized reads a contiguous stack: a row-strided slice of a gather buffer is copied first
-  at::Tensor flat = reduce_quantized_cuda(wires.contiguous(), l.w.numel, fmt, block_size, scale, at::kFloat);
+  // the reduce reads a contiguous stack: a row-strided slice of a gather buffer is copied first
+  const at::Tensor stack = wires.contiguous();
+  at::Tensor flat = at::empty({l.w.numel}, wires.options().dtype(at::kFloat));
+  at::Tensor own_flat;
+  if (own.has_value()) {   // own in the padded fp32 layout (zeros between tensors), as the wires hold it
+    own_flat = at::empty({l.w.numel}, wires.options().dtype(at::kFloat));
+    cuda_pack_out(*own, 1.0, block_size, own_flat);
+  }
+  dispatch_format(l.w.fmt, [&](auto F_) {
+    constexpr int F = decltype(F_)::value;
+    constexpr int VEC = vec_of<F>();
+    auto src = wire_sum_src<F>(stack, l.w, scale);
+    if (own.has_value()) {
+      src.own = own_flat.data_ptr<float>();
+      src.own_row = own_row;
+    }
+    float* op = flat.data_ptr<float>();
+    const int grid = grid_for((l.w.numel + VEC - 1) / VEC, kThreads);
+    cuda::launch(reduce_kernel<F, float>, grid, kThreads, cuda::current_stream(), src, op,
+                 aligned_to(op, sizeof(float) * VEC));
+  });
   cuda_unpack(flat, outs, 1.0, block_size);
 }
 

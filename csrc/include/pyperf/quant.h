@@ -217,6 +217,28 @@ inline TensorsLayout check_tensors_wires(at::TensorList outs, c10::string_view f
   return l;
 }
 
+// reduce_quantized_tensors_'s own row: `own` (the caller's exact values, outs' layout) replaces wire own_row in
+// the sum; both or neither.
+inline void check_own_row(const c10::optional<at::TensorList>& own, int64_t own_row, at::TensorList outs,
+                          const at::Tensor& wires) {
+  if (!own.has_value()) {
+    TORCH_CHECK(own_row == -1, "own_row: expected -1 without own, got ", own_row);
+    return;
+  }
+  const at::TensorList o = *own;
+  TORCH_CHECK(own_row >= 0 && own_row < wires.size(0), "own_row: expected a row of wires in [0, ", wires.size(0),
+              ") with own, got ", own_row);
+  TORCH_CHECK(o.size() == outs.size(), "own: expected ", outs.size(), " tensors (one per tensor of outs), got ",
+              o.size());
+  check_tensor_list(o, "own", &wires);
+  for (size_t i = 0; i < o.size(); ++i) {
+    TORCH_CHECK(o[i].numel() == outs[i].numel(), "own[", i, "]: expected ", outs[i].numel(),
+                " elements like outs[", i, "], got ", o[i].numel());
+    TORCH_CHECK(o[i].scalar_type() == outs[i].scalar_type(), "own[", i, "]: expected dtype ",
+                outs[i].scalar_type(), " like outs, got ", o[i].scalar_type());
+  }
+}
+
 // The tensor that holds block b (blocks of empty tensors: none), by bisection of bstart.
 inline int64_t tensor_of_block(const std::vector<int64_t>& bstart, int64_t b) {
   return static_cast<int64_t>(std::upper_bound(bstart.begin(), bstart.end(), b) - bstart.begin()) - 1;
