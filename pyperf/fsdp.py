@@ -9,15 +9,16 @@
 
 How a compressed reduce-scatter works. FSDP fills its input as [W, S] rows (row r: rank r's shard, each parameter's
 dim-0 chunk padded, in the parameter group's order) and calls our comm with the output shard [S] and the reduce
-`op`. Each rank quantizes every row blockwise, blocks starting at parameter boundaries inside the row (so a
-parameter's scales never mix with its neighbour's), into one uint8 wire per row:
+`op`. Each rank quantizes every row but its own (which never travels) blockwise, blocks starting at parameter
+boundaries inside the row (so a parameter's scales never mix with its neighbour's), into one uint8 wire per row:
 [quantized blocks (ops.quantize_tensors)][fp32 values of the parameters below min_numel][fp32 sentinel].
 One all-to-all of the rows (all_to_all_single; on Gloo 1 MB point-to-point messages, pyperf.comm.transport, which
 fill the link where Gloo's all_to_all reaches half of it) hands row s of every rank to rank s, which runs one fused
 pass (ops.reduce_quantized_tensors):
-dequantize, sum in fp32 in rank order 0..W-1, times the op's scale, written into the output shard in FSDP's reduce
-dtype. Each rank sends (W - 1) of its W wires: about 0.254x (int8) / 0.129x (int4) of an fp32 reduce-scatter's bytes
-with 256-element blocks, for any world size, in one exchange. The result is deterministic (fixed rank order).
+dequantize, sum in fp32 in rank order 0..W-1 (its own row's exact values in its place), times the op's scale,
+written into the output shard in FSDP's reduce dtype. Each rank sends (W - 1) wires: about 0.254x (int8) / 0.129x
+(int4) of an fp32 reduce-scatter's bytes with 256-element blocks, for any world size, in one exchange. The result is
+deterministic (fixed rank order).
 
 Why the rest looks the way it does:
 - FSDP's input holds only the parameters that have a gradient this step, so the layout is read when FSDP decides
@@ -61,7 +62,7 @@ _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 _QUANT_OPTIONS = ("block_size", "error_feedback", "stochastic_rounding", "min_numel", "seed", "skip_nonfinite",
                   "stats_every")
 _ALL_OPTIONS = _QUANT_OPTIONS + ("start_iter",)
-_FORMAT = 1   # state_dict format
+_FORMAT = 2   # state_dict format (2: each rank's own row is exact, so its residual row stays zero)
 
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -537,8 +538,9 @@ class FSDPCompressionState:
             cur = unit.res
             nxt = unit.res_prev if self.skip_nonfinite else unit.res
             full = plan.full
+        me = unit.rank
         for s in range(W):
-            if plan.nblocks:
+            if plan.nblocks and s != me:     # this rank's own row never travels: it is summed exact, not quantized
                 xs = [x[s, plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.big]
                 r_in = r_out = None
                 if ef:
@@ -565,11 +567,14 @@ class FSDPCompressionState:
             if sn:
                 _q.pack([x[s, plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.small], out_dtype=torch.float32,
                         out=send[s, qb:qb + 4 * sn].view(torch.float32))
-        # the sentinel: nan in every row when anything this rank sends is non-finite, so that every rank (not only
-        # the owners of the non-finite shards) sees it and rolls back the same step
+        # the sentinel: nan in every row when anything in this rank's input is non-finite, so that every rank (not
+        # only the owners of the non-finite shards) sees it and rolls back the same step
         bad = None
         if plan.nblocks:
-            bad = ~torch.isfinite(send[:, :4 * plan.nblocks].view(torch.float32)).all()
+            scales = send[:, :4 * plan.nblocks].view(torch.float32)
+            bad = ~(torch.isfinite(scales[:me]).all() & torch.isfinite(scales[me + 1:]).all())
+            # the own row: a float64 sum is finite exactly when every value is (it cannot overflow), one pass
+            bad |= ~torch.isfinite(x[me].sum(dtype=torch.float64))
         if sn:
             b2 = ~torch.isfinite(send[:, qb:qb + 4 * sn].view(torch.float32)).all()
             bad = b2 if bad is None else bad | b2
@@ -584,7 +589,9 @@ class FSDPCompressionState:
         def finish():
             if plan.nblocks:
                 _q.reduce_quantized_tensors(recv[:, :qb], [o[plan.offs[k]:plan.offs[k] + plan.segs[k]]
-                                                           for k in plan.big], fmt, B, scale=scale)
+                                                           for k in plan.big], fmt, B, scale=scale,
+                                            own=[x[me, plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.big],
+                                            own_row=me)
             if sn:
                 tot = _sum_small(recv[:, qb:qb + 4 * sn].view(torch.float32), W)
                 _q.unpack(tot, [o[plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.small], scale=scale)
@@ -592,7 +599,8 @@ class FSDPCompressionState:
             nonfinite = ~torch.isfinite(recv[:, qb + 4 * sn:].view(torch.float32)).all()
             torch.logical_or(flag, nonfinite, out=flag)
 
-        self._send(unit, recv, send, group, finish, overlap, refs=(out,))
+        # overlapped, finish() runs when backward ends: FSDP's input (the own row) is kept until then
+        self._send(unit, recv, send, group, finish, overlap, refs=(out, inp))
         if ef:
             if nxt is not cur:
                 for a, b in plan.excluded_runs:   # parameters without a gradient this step keep their residuals
@@ -697,7 +705,9 @@ class FSDPCompressionState:
                                  "saved by the same rank with the same kind and options)" % (k, sd[k],
                                                                                              getattr(self, k)))
         if sd.get("format", _FORMAT) != _FORMAT:
-            raise ValueError("load_state_dict: format %r, expected %d" % (sd.get("format"), _FORMAT))
+            why = (" (format 1 came from a pyperf that also quantized each rank's own row, whose residual would be "
+                   "dropped here)" if sd.get("format") == 1 else "")
+            raise ValueError("load_state_dict: format %r, expected %d%s" % (sd.get("format"), _FORMAT, why))
         res = sd.get("residual")
         if self.error_feedback:
             want = {n: (u.world_size, u.segs[i]) for u in self.units for i, n in enumerate(u.names)

@@ -169,8 +169,9 @@ def _segments(g, W):
 
 
 def _body_exact(rank, W):
-    """The quantized reduce-scatter's result is, bit for bit, every rank's blockwise quantization of its row for
-    this rank (blocks starting at each parameter), dequantized and summed in rank order, times 1/W."""
+    """The quantized reduce-scatter's result is, bit for bit, every other rank's blockwise quantization of its row
+    for this rank (blocks starting at each parameter), dequantized, and this rank's own row exact (it never travels),
+    summed in rank order, times 1/W."""
     from pyperf import _reference as R
     local = []
     for r in range(W):         # every rank's unsharded gradient, recomputed here without FSDP
@@ -180,9 +181,13 @@ def _body_exact(rank, W):
     for kind in ("int8", "int4", "fp8"):
         got, _ = _run(kind, rank)
         for name, g in got.items():
-            wires = torch.stack([R.quantize(_segments(local[r][name], W)[rank], FMT[kind], 32) for r in range(W)])
-            seg = _segments(local[0][name], W)[rank].numel()
-            want = R.reduce_quantized(wires, seg, FMT[kind], 32, scale=1.0 / W)[:g.numel()].view(g.shape)
+            rows = [_segments(local[r][name], W)[rank] for r in range(W)]
+            wires = torch.stack([R.quantize(row, FMT[kind], 32) for row in rows])
+            wires[rank] = 0xAB                  # never read: the own row is exact
+            acc = torch.zeros(-(-rows[0].numel() // 32) * 32)
+            for r in range(W):
+                acc += R.pack([rows[r]], align=32) if r == rank else R.dequantize(wires[r], acc.numel(), FMT[kind], 32)
+            want = (acc * (1.0 / W))[:g.numel()].view(g.shape)
             assert torch.equal(g, want), (kind, name, float((g - want).abs().max()))
 
 
@@ -692,9 +697,13 @@ def _gpt2_converge(rank, kind, hook_kw, steps=300, T=32, B=8):
     for block in model.transformer.h:
         fully_shard(block)
     fully_shard(model)
-    if kind is not None:
+    if isinstance(kind, str):
         import pyperf.fsdp
         pyperf.fsdp.register(model, kind, **hook_kw)
+    elif kind is not None:        # a test comm of FSDP's ReduceScatter protocol
+        for m in model.modules():
+            if hasattr(m, "set_custom_reduce_scatter"):
+                m.set_custom_reduce_scatter(kind)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     g = torch.Generator().manual_seed(rank)
     for step in range(steps):
@@ -711,16 +720,33 @@ def _gpt2_converge(rank, kind, hook_kw, steps=300, T=32, B=8):
         return float(model(input_ids=x, labels=x).loss)
 
 
+class _TruncatingComm:
+    """The power check's control: FSDP's exact mean, but the last quarter of every output shard left at zero (the
+    bug class "a buffer silently cut short"): those weights never train."""
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        W = dist.get_world_size(group)
+        rows = input_tensor.view(W, -1).clone()
+        dist.all_reduce(rows, group=group)
+        out = output_tensor.view(-1)
+        out.copy_(rows[dist.get_rank(group)] / W)
+        out[out.numel() - out.numel() // 4:] = 0
+
+
 def _body_gpt2(rank, W):
     # start_iter=30: twice the LR warm-up (15 steps), as documented for Adam/AdamW (docs/hooks.md, docs/fsdp.md).
     # The default min_numel (1024) and block_size (256): LayerNorm weights and biases travel in fp32.
     res = {kind: _gpt2_converge(rank, kind, dict(start_iter=30) if kind else {})
            for kind in (None, "int8", "int4", "fp8")}
-    # the test can fail: int4 without error feedback on 4096-element blocks from step 0 ends far above
-    broken = _gpt2_converge(rank, "int4", dict(block_size=4096, error_feedback=False))
+    # the test can fail: a reduce-scatter that leaves a quarter of each shard's gradient at zero ends far above.
+    # (Quantization noise is a weak control here: pyperf's int4 without error feedback on 4096-element blocks from
+    # step 0 ends only ~2-3% above now that each rank's own row is exact.)
+    broken = _gpt2_converge(rank, _TruncatingComm(), None)
     if rank == 0:
-        print("GPT-2 held-out loss after 300 steps:", res, "int4 block 4096, no EF, start_iter 0:", broken,
-              flush=True)
+        print("GPT-2 held-out loss after 300 steps:", res, "truncating control:", broken, flush=True)
     base = res[None]
     for kind, tol in (("int8", 0.02), ("fp8", 0.02), ("int4", 0.05)):
         assert abs(res[kind] - base) <= tol * base, (kind, res)
