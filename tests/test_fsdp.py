@@ -41,14 +41,16 @@ class _Net(nn.Module):
             self.frozen.requires_grad_(False)
         self.use_side = True
         self.poison = False
+        self.poison_feature = 66
         self.poison_raise = False
 
     def forward(self, x):
         h = self.a(x)
         if self.poison and h.requires_grad:
-            # inf in the gradient of a's output feature 66 only: a.weight row 66 and a.bias[66], which lie in the
-            # last rank's shard; every other gradient stays finite
-            h.register_hook(lambda g: g.index_fill(1, torch.tensor([66]), float("inf")))
+            # inf in the gradient of a's output feature 66 only (by default): a.weight row 66 and a.bias[66], which
+            # lie in the last rank's shard (feature 0: rank 0's); every other gradient stays finite
+            f = self.poison_feature
+            h.register_hook(lambda g: g.index_fill(1, torch.tensor([f]), float("inf")))
         if self.poison_raise and h.requires_grad:
             # raises in backward after b's and c's gradients (their reduce-scatters) are done, before a's
             h.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("poisoned backward")))
@@ -296,8 +298,9 @@ def _body_error_feedback(rank, W):
         assert rmax < 4 * float(gmax), (kind, rmax, float(gmax))   # bounded: about one step's error
 
 
-def _scaler_run(kind, rank, inf_steps, steps=7, sync_free=False, **hook_kw):
+def _scaler_run(kind, rank, inf_steps, steps=7, sync_free=False, feature=66, **hook_kw):
     m = _net()
+    m.poison_feature = feature
     st = None
     if kind is not None:
         import pyperf.fsdp
@@ -346,6 +349,11 @@ def _body_scaler(rank, W):
             assert all(torch.equal(a, b) for a, b in zip(params, params2))
             assert all(torch.equal(res[-1][1][n], res2[-1][1][n]) for n in res[-1][1])
             assert st2.stats.nonfinite_steps == len(inf_steps)
+    # inf on rank 0 in its own shard (the row it never sends, summed exact): its sentinel still tells every rank
+    s_ref0, c_ref0, _, _, _ = _scaler_run(None, rank, inf_steps, feature=0)
+    s, c, res, st, _ = _scaler_run("int8", rank, inf_steps, feature=0)
+    assert s == s_ref0 and c == c_ref0 and st.stats.nonfinite_steps == len(inf_steps), (s, s_ref0, c, st.stats)
+    assert all(torch.equal(res[i][0][n], res[i][1][n]) for i in inf_steps for n in res[i][0])
     # the cast kinds carry inf/nan through the cast and the fp32 sum
     for kind in ("bf16", "fp16"):
         s, c, _, _, _ = _scaler_run(kind, rank, inf_steps)
