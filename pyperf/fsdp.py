@@ -573,8 +573,9 @@ class FSDPCompressionState:
         if plan.nblocks:
             scales = send[:, :4 * plan.nblocks].view(torch.float32)
             bad = ~(torch.isfinite(scales[:me]).all() & torch.isfinite(scales[me + 1:]).all())
-            # the own row: a float64 sum is finite exactly when every value is (it cannot overflow), one pass
-            bad |= ~torch.isfinite(x[me].sum(dtype=torch.float64))
+            # the own row: its min and max are finite exactly when every value is (NaN propagates), one pass
+            lo, hi = torch.aminmax(x[me])
+            bad |= ~(torch.isfinite(lo) & torch.isfinite(hi))
         if sn:
             b2 = ~torch.isfinite(send[:, qb:qb + 4 * sn].view(torch.float32)).all()
             bad = b2 if bad is None else bad | b2
@@ -586,12 +587,16 @@ class FSDPCompressionState:
         st.bytes_sent += (W - 1) * plan.row_bytes
         flag = self._flag
 
+        outs = [o[plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.big]
+        own = [x[me, plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.big]
+        if overlap:     # finish() runs when backward ends, after FSDP dropped its input: the own row waits in out
+            for a, b in zip(outs, own):
+                a.copy_(b)
+            own = outs
+
         def finish():
             if plan.nblocks:
-                _q.reduce_quantized_tensors(recv[:, :qb], [o[plan.offs[k]:plan.offs[k] + plan.segs[k]]
-                                                           for k in plan.big], fmt, B, scale=scale,
-                                            own=[x[me, plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.big],
-                                            own_row=me)
+                _q.reduce_quantized_tensors(recv[:, :qb], outs, fmt, B, scale=scale, own=own, own_row=me)
             if sn:
                 tot = _sum_small(recv[:, qb:qb + 4 * sn].view(torch.float32), W)
                 _q.unpack(tot, [o[plan.offs[k]:plan.offs[k] + plan.segs[k]] for k in plan.small], scale=scale)
@@ -599,8 +604,7 @@ class FSDPCompressionState:
             nonfinite = ~torch.isfinite(recv[:, qb + 4 * sn:].view(torch.float32)).all()
             torch.logical_or(flag, nonfinite, out=flag)
 
-        # overlapped, finish() runs when backward ends: FSDP's input (the own row) is kept until then
-        self._send(unit, recv, send, group, finish, overlap, refs=(out, inp))
+        self._send(unit, recv, send, group, finish, overlap, refs=(out,))
         if ef:
             if nxt is not cur:
                 for a, b in plan.excluded_runs:   # parameters without a gradient this step keep their residuals
