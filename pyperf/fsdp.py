@@ -122,8 +122,8 @@ class FSDPStats:
 
     @property
     def rel_error(self):
-        """||Q(v) - v|| / ||v|| of this rank's quantized input (gradient + residual), measured every stats_every
-        steps over all parameter groups of that step."""
+        """||Q(v) - v|| / ||v|| of this rank's quantized input (gradient + residual: the rows it sends, not its own
+        row, which is summed exact), measured every stats_every steps over all parameter groups of that step."""
         return float(self._rel)
 
     @property
