@@ -446,6 +446,22 @@ WireSumSrc<F, vec_of<F>()> wire_sum_src(const at::Tensor& wires, const WireLayou
   return src;
 }
 
+// The reduce of a contiguous [W, w.bytes] stack into op (w.numel values); with own (fp32, w.numel values), rank
+// own_row's term is own's.
+template <typename T>
+void launch_reduce(const at::Tensor& stack, const WireLayout& w, double scale, T* op, const float* own = nullptr,
+                   int64_t own_row = -1) {
+  dispatch_format(w.fmt, [&](auto F_) {
+    constexpr int F = decltype(F_)::value;
+    constexpr int VEC = vec_of<F>();
+    auto src = wire_sum_src<F>(stack, w, scale);
+    src.own = own;
+    src.own_row = own_row;
+    const int grid = grid_for((w.numel + VEC - 1) / VEC, kThreads);
+    cuda::launch(reduce_kernel<F, T>, grid, kThreads, cuda::current_stream(), src, op, aligned_to(op, sizeof(T) * VEC));
+  });
+}
+
 at::Tensor reduce_quantized_cuda(const at::Tensor& wires, int64_t numel, c10::string_view fmt, int64_t block_size,
                                  double scale, at::ScalarType out_dtype) {
   TORCH_CHECK(is_float_dtype(out_dtype), "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
@@ -453,17 +469,9 @@ at::Tensor reduce_quantized_cuda(const at::Tensor& wires, int64_t numel, c10::st
   at::Tensor out = at::empty({numel}, wires.options().dtype(out_dtype));
   if (numel == 0) return out;
   cuda::DeviceGuard guard(wires.device());
-  const cudaStream_t stream = cuda::current_stream();
   dispatch_float3(out_dtype, "out_dtype", [&](auto t) {
     using T = decltype(t);
-    dispatch_format(w.fmt, [&](auto F_) {
-      constexpr int F = decltype(F_)::value;
-      constexpr int VEC = vec_of<F>();
-      T* op = reinterpret_cast<T*>(out.data_ptr());
-      const int grid = grid_for((numel + VEC - 1) / VEC, kThreads);
-      cuda::launch(reduce_kernel<F, T>, grid, kThreads, stream, wire_sum_src<F>(wires, w, scale), op,
-                   aligned_to(op, sizeof(T) * VEC));
-    });
+    launch_reduce<T>(wires, w, scale, reinterpret_cast<T*>(out.data_ptr()));
   });
   return out;
 }
@@ -532,19 +540,8 @@ void reduce_quantized_tensors_cuda(const at::Tensor& wires, c10::string_view fmt
     own_flat = at::empty({l.w.numel}, wires.options().dtype(at::kFloat));
     cuda_pack_out(*own, 1.0, block_size, own_flat);
   }
-  dispatch_format(l.w.fmt, [&](auto F_) {
-    constexpr int F = decltype(F_)::value;
-    constexpr int VEC = vec_of<F>();
-    auto src = wire_sum_src<F>(stack, l.w, scale);
-    if (own.has_value()) {
-      src.own = own_flat.data_ptr<float>();
-      src.own_row = own_row;
-    }
-    float* op = flat.data_ptr<float>();
-    const int grid = grid_for((l.w.numel + VEC - 1) / VEC, kThreads);
-    cuda::launch(reduce_kernel<F, float>, grid, kThreads, cuda::current_stream(), src, op,
-                 aligned_to(op, sizeof(float) * VEC));
-  });
+  launch_reduce<float>(stack, l.w, scale, flat.data_ptr<float>(),
+                       own.has_value() ? own_flat.data_ptr<float>() : nullptr, own.has_value() ? own_row : -1);
   cuda_unpack(flat, outs, 1.0, block_size);
 }
 
